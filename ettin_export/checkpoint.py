@@ -118,8 +118,14 @@ def load_checkpoint(source: str, revision: str | None = None, *, max_length: int
     checkpoint.max_length = resolve_max_length(path, max_length)
     info = _read_json(path / "ettin_export.json")  # written by ettin-export for random-weights checkpoints
     checkpoint.random_weights = bool(info.get("random_weights", False))
-    checkpoint.size = info.get("size")
+    checkpoint.size = info.get("size") or _known_size(source)
     return checkpoint
+
+
+def _known_size(source: str) -> str | None:
+    from .sizes import SIZES
+
+    return next((s.name for s in SIZES.values() if source in (s.reranker_id, s.backbone_id)), None)
 
 
 def _modernbert_config(hf_config: dict):
@@ -287,3 +293,54 @@ def _read_json(path: Path) -> dict:
         return {}
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def random_checkpoint_dir(size: str, seed: int = 0) -> Path:
+    """A cached random-weights checkpoint of an exact Ettin config (made once, reused)."""
+    import os
+
+    from . import sizes
+    from .random_checkpoint import write_random_checkpoint
+
+    sizes.get_size(size)  # refuse unknown sizes before doing anything
+    cache = Path(os.environ.get("ETTIN_EXPORT_CACHE", Path.home() / ".cache" / "ettin-export"))
+    folder = cache / "random" / f"{size}-seed{seed}"
+    if not (folder / "ettin_export.json").is_file():
+        staging = folder.with_name(folder.name + ".partial")
+        write_random_checkpoint(staging, size, seed=seed)
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    return folder
+
+
+def open_source(
+    model: str | None = None,
+    *,
+    size: str | None = None,
+    random_weights: bool = False,
+    revision: str | None = None,
+    max_length: int | None = None,
+    seed: int = 0,
+) -> Checkpoint:
+    """What the command line names: a checkpoint path or hub id (`model`), or an Ettin `size` — the
+    hub reranker, or with `random_weights` the exact config with random weights (no download)."""
+    from . import sizes
+
+    if model is not None and size is not None:
+        raise CheckpointError("Pass either a model (path or hub id) or --size, not both.")
+    if model is None and size is None:
+        raise CheckpointError("Name a model: a checkpoint folder or hub id, or --size SIZE [--random-weights].")
+    if random_weights:
+        if size is None:
+            raise CheckpointError("--random-weights needs --size (one of: " + ", ".join(sizes.SIZES) + ").")
+        checkpoint = load_checkpoint(str(random_checkpoint_dir(size, seed)), max_length=max_length)
+        checkpoint.source = f"random:{size}"
+        return checkpoint
+    if size is not None:
+        checkpoint = load_checkpoint(sizes.get_size(size).reranker_id, revision, max_length=max_length)
+        checkpoint.size = size
+        return checkpoint
+    return load_checkpoint(model, revision, max_length=max_length)

@@ -130,7 +130,8 @@ def write_random_checkpoint(
             (hidden, layers, heads, intermediate, local_attention, or any config.json key) can be overridden.
         num_layers: reduce depth (keeps the global-every-third pattern).
         layout: "sentence-transformers" (Ettin's modular head) or "hf-sequence-classification".
-        max_seq_length: saved in sentence_bert_config.json, as a checkpoint that sets its own limit does.
+        max_seq_length: the checkpoint's own length limit: sentence_bert_config.json for the ST layout,
+            the tokenizer's model_max_length for the plain HF layout.
         tokenizer_padding: save tokenizer.json with padding and truncation enabled (CrossEncoder and
             ettin-export must both override them).
     """
@@ -163,9 +164,11 @@ def write_random_checkpoint(
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
     hf_config.save_pretrained(out)
+    # A plain HF checkpoint limits its length through the tokenizer; an ST one in sentence_bert_config.
+    tokenizer_limit = max_seq_length if (max_seq_length is not None and not is_st) else sizes.MAX_POSITION_EMBEDDINGS
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, cls_token=CLS, sep_token=SEP, pad_token=PAD, unk_token=UNK,
-        mask_token=MASK, model_max_length=sizes.MAX_POSITION_EMBEDDINGS,
+        mask_token=MASK, model_max_length=tokenizer_limit,
     )
     fast.save_pretrained(out)
     if tokenizer_padding:
@@ -183,8 +186,6 @@ def write_random_checkpoint(
         hf_state.update({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.classifier.")})
         hf_state.update({k: v for k, v in state.items() if k.startswith(("head.dense.", "head.norm."))})
         save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        if max_seq_length is not None:
-            _write_json(out / "sentence_bert_config.json", {"max_seq_length": max_seq_length})
     _write_json(out / "ettin_export.json", {
         "random_weights": True, "size": size, "seed": seed, "layout": layout,
         "note": "Random weights made by ettin-export for tests and benchmarks; scores mean nothing.",

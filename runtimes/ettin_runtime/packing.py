@@ -47,14 +47,14 @@ def resolve_max_length(checkpoint_dir: str | Path, override: int | None = None) 
     """CrossEncoder's max-length rule, read from a saved checkpoint folder.
 
     An explicit override wins; then the Transformer module's saved `max_seq_length`
-    (sentence_bert_config.json); otherwise the smaller of the tokenizer's `model_max_length`
-    and the model's `max_position_embeddings`."""
+    (sentence_bert_config.json, which CrossEncoder reads only through modules.json); otherwise the
+    smaller of the tokenizer's `model_max_length` and the model's `max_position_embeddings`."""
     if override is not None:
         if override < 2:
             raise ValueError(f"max_length must be at least 2 tokens (room for the special tokens), got {override}.")
         return int(override)
     root = Path(checkpoint_dir)
-    st_config = _read_json(root / "sentence_bert_config.json")
+    st_config = _read_json(root / "sentence_bert_config.json") if (root / "modules.json").is_file() else {}
     if st_config.get("max_seq_length") is not None:
         return int(st_config["max_seq_length"])
     tokenizer_limit = _read_json(root / "tokenizer_config.json").get("model_max_length") or _VERY_LARGE_INTEGER

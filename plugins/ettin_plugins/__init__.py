@@ -8,8 +8,18 @@ from .spec import ATTRIBUTES, OP_NAME, PLUGIN_ID, PLUGIN_NAMESPACE
 __all__ = ["ATTRIBUTES", "OP_NAME", "PLUGIN_ID", "PLUGIN_NAMESPACE", "varlen_attention"]
 
 
-def varlen_attention(q, k, v, cu_seqlens, window: int):
-    """Packed flash attention with the project's Triton kernel (GPU, or CPU under TRITON_INTERPRET=1)."""
+def varlen_attention(q, k, v, cu_seqlens, window: int, **launch_options):
+    """Packed flash attention with the project's Triton kernel (GPU, or CPU under TRITON_INTERPRET=1).
+
+    launch_options: block_m, block_n, num_warps, num_stages (see ettin_plugins.kernel).
+    """
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "The ettin varlen-attention kernel needs OpenAI Triton: `pip install triton` "
+            "(or `pip install ettin-export[kernel]`)."
+        ) from exc
     from .kernel import varlen_attention as _impl
 
-    return _impl(q, k, v, cu_seqlens, window)
+    return _impl(q, k, v, cu_seqlens, window, **launch_options)

@@ -146,3 +146,24 @@ def test_parity_check_catches_porting_mistake(ettin_case, mutate, monkeypatch):
     assert np.max(np.abs(scores - expected)) > 5 * BOUND
     # and the unmutated model is still exact afterwards (the mutation was undone)
     assert np.max(np.abs(reranker.predict(pairs[:20]) - expected[:20])) <= BOUND
+
+
+def test_rank_matches_crossencoder_rank(tiny_checkpoint):
+    from sentence_transformers import CrossEncoder
+
+    from ettin_export.random_checkpoint import random_pairs
+
+    reranker = TorchReranker.from_checkpoint(str(tiny_checkpoint))
+    cross_encoder = CrossEncoder(str(tiny_checkpoint), activation_fn=torch.nn.Identity(), device="cpu")
+    documents = [d for _, d in random_pairs(40, seed=77, document_words=(0, 120))]
+    query = "which university city has the most national history"
+    expected = cross_encoder.rank(query, documents, return_documents=True, show_progress_bar=False)
+    got = reranker.rank(query, documents, return_documents=True)
+    assert [r["corpus_id"] for r in got] == [r["corpus_id"] for r in expected]
+    assert all(abs(a["score"] - b["score"]) <= BOUND and a["text"] == b["text"] for a, b in zip(got, expected))
+    top = reranker.rank(query, documents, top_k=3)
+    assert [r["corpus_id"] for r in top] == [r["corpus_id"] for r in expected[:3]]
+    assert set(top[0]) == {"corpus_id", "score"}
+    assert reranker.rank(query, []) == []
+    with pytest.raises(TypeError, match="documents must be a list of strings"):
+        reranker.rank(query, "one string")

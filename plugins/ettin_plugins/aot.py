@@ -209,6 +209,11 @@ def compile_varlen_attention(
 
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"Head dim {head_dim} is not supported; choose one of {SUPPORTED_HEAD_DIMS}.")
+    if not isinstance(varlen_attention_kernel, triton.runtime.jit.JITFunction):
+        raise RuntimeError(
+            "The kernel was defined for Triton's interpreter (TRITON_INTERPRET=1 when ettin_plugins.kernel "
+            "was imported) and cannot be compiled to PTX. Run the AOT step in a process without TRITON_INTERPRET."
+        )
     params = declared_params(dtype)
     signature = {p.name: p.triton_type for p in params}
     constexprs = kernel_constexprs(head_dim, window, dtype, config.block_m, config.block_n)

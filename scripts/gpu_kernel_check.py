@@ -285,7 +285,7 @@ def accuracy_cases(rng):
         "edges_63_to_129": [63, 64, 65, 127, 128, 129],
         "257_short_pairs": short,
         "one_pair_1500": [1500],
-        "short_beside_long": [rng.randint(1, 9) for _ in range(150)] + [2048] + [rng.randint(1, 9) for _ in range(50)] + [513],
+        "short_beside_long": short[:150] + [2048] + short[150:200] + [513],
         "reranker_batch": [rng.randint(100, 512) for _ in range(64)],
     }
 
@@ -457,14 +457,16 @@ def main(argv=None) -> int:
             entry.update(interpreter_smoke(seed))
         for name in ("launcher", "accuracy", "speed"):
             report.skip(name, "no CUDA device (or --dry-run): nothing to launch")
-        report.data["summary"] = {"dry_run": True, "steps_failed": [n for n, s in report.data["steps"].items() if s.get("ok") is False]}
+        failed = [n for n, s in report.data["steps"].items() if s.get("ok") is False]
+        report.data["summary"] = {"dry_run": True, "steps_failed": failed}
         report.write()
         print(json.dumps(report.data["summary"]))
         return 0
 
     baseline = torch_varlen(torch)
     report.data["torch_varlen_attn"] = (
-        {"signature": baseline[1], "window_size": baseline[2]} if baseline else "absent: torch.nn.attention.varlen.varlen_attn not importable"
+        {"signature": baseline[1], "window_size": baseline[2]} if baseline
+        else "absent: torch.nn.attention.varlen.varlen_attn not importable"
     )
     launcher = None
     with report.step("launcher") as entry:
@@ -493,6 +495,7 @@ def main(argv=None) -> int:
     if launcher is not None:
         generator = torch.Generator().manual_seed(seed)
         cases = accuracy_cases(random.Random(seed))
+        target = report.data["steps"]["aot_compile"]["target_requested"]
         for name, lengths in cases.items():
             for window in (64, -1, 3):
                 # window 3 has no precompiled kernels above: compile it here (bf16, every tactic).
@@ -500,7 +503,7 @@ def main(argv=None) -> int:
                     from ettin_plugins import aot
 
                     kernels[("bf16", window)] = {
-                        t: aot.compile_varlen_attention("bf16", window, report.data["steps"]["aot_compile"]["target_requested"], c)
+                        t: aot.compile_varlen_attention("bf16", window, target, c)
                         for t, c in aot.TACTICS.items()
                     }
                 with report.step(f"accuracy/bf16/{name}/window{window}") as entry:

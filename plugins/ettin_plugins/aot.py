@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from .spec import HEAD_DIM, INPUTS, OUTPUTS
 
-DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+DTYPES = ("bf16", "fp16", "fp32")
 # Target presets a user may name (`ettin-export build --target h100`); Triton emits sm_90a for 90.
 TARGET_PRESETS = {
     "h100": 90, "h200": 90, "hopper": 90, "gh200": 90,
@@ -135,7 +135,7 @@ class AotContractError(RuntimeError):
 
 def declared_params(dtype: str) -> tuple[KernelParam, ...]:
     """The kernel's runtime parameters in launch order: inputs, int32 scalars, outputs."""
-    element = f"*{DTYPES[dtype]}"
+    element = f"*{dtype}"
     inputs = [KernelParam(f"{n}_ptr", "input", "*i32" if n == "cu_seqlens" else element) for n in INPUTS]
     scalars = [KernelParam("num_pairs", "scalar", "i32")]
     outputs = [KernelParam(f"{n}_ptr", "output", element) for n in OUTPUTS]
@@ -201,7 +201,7 @@ def compile_varlen_attention(
     that loads the PTX must support its ISA version. None keeps what the bundled ptxas supports.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}.")
+        raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}.")
     if not isinstance(window, int) or window < -1:
         raise ValueError(f"window must be an int >= -1 (-1 = the whole pair); got {window!r}.")
     triton, ASTSource, GPUTarget = _import_triton()

@@ -56,10 +56,11 @@ def reference_varlen_attention(
     gathered into padded blocks [n, L, H, D] with a key mask; no tensor ever spans the whole batch in
     two token dimensions."""
     total, heads, dim = q.shape
-    out = torch.empty((total, heads, dim), dtype=torch.float32, device=q.device)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty((total, heads, dim), dtype=compute, device=q.device)
     cu = cu_seqlens.to(device=q.device, dtype=torch.long)
     starts, lengths = cu[:-1], cu[1:] - cu[:-1]
-    qf, kf, vf = q.float(), k.float(), v.float()
+    qf, kf, vf = q.to(compute), k.to(compute), v.to(compute)
     for members in _length_buckets(lengths):
         block_len = int(lengths[members].max())
         offsets = torch.arange(block_len, device=q.device)

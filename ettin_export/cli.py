@@ -45,13 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="apply an activation to the raw scores (default: none, raw scores)")
     score.add_argument("--device", default="cpu", help="torch runtime: cpu or cuda")
     score.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="torch runtime precision")
+
+    build = commands.add_parser("build", help="export a reranker to a parity-checked artifact folder")
+    _add_model_arguments(build, allow_artifact=False)
+    build.add_argument("--target", default="cpu", help="cpu (fp32 ONNX Runtime) or h100 (bf16 TensorRT)")
+    build.add_argument("--out", help="artifact folder (default: artifacts/<name>-<target>)")
+    build.add_argument("--max-batch-size", type=int, help="most pairs per forward pass (TensorRT: the profile's)")
+    build.add_argument("--max-batch-tokens", type=int, help="most tokens per forward pass")
+    build.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
+    build.add_argument("--onnx-only", action="store_true", help="h100: write the bf16 ONNX and stop (no TensorRT here)")
+    build.add_argument("--skip-crossencoder-check", action="store_true",
+                       help="do not compare the packed model with sentence-transformers before exporting")
+    build.add_argument("--parity-queries", type=int, default=10, help="queries in the built-in parity set")
+    build.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"sizes": _cmd_sizes, "score": _cmd_score}[args.command]
+    handler = {"sizes": _cmd_sizes, "score": _cmd_score, "build": _cmd_build}[args.command]
     try:
         return handler(args) or 0
     except UsageError as error:
@@ -166,6 +179,33 @@ def _cmd_score(args) -> int:
     else:
         sys.stdout.write(lines)
     return 0
+
+
+def _cmd_build(args) -> int:
+    from .build import BuildError, BuildOptions, run_build
+    from .checkpoint import open_source
+    from .targets import get_target
+
+    target = get_target(args.target)
+    if args.model is None and args.size is None:
+        raise UsageError("name a model: a checkpoint folder or hub id, or --size SIZE [--random-weights].")
+    name = args.size or Path(args.model.rstrip("/")).name
+    out = Path(args.out) if args.out else Path("artifacts") / f"{name}{'-random' if args.random_weights else ''}-{target.name}"
+    max_length = args.max_length or 512
+    options = BuildOptions(
+        out=out, target=target, max_length=max_length, max_batch_pairs=args.max_batch_size,
+        max_batch_tokens=args.max_batch_tokens, force=args.force, onnx_only=args.onnx_only,
+        check_crossencoder=not args.skip_crossencoder_check, parity_queries=args.parity_queries, quiet=args.quiet,
+    )
+
+    def load():
+        return open_source(args.model, size=args.size, random_weights=args.random_weights,
+                           revision=args.revision, max_length=max_length)
+
+    try:
+        return run_build(load, options)
+    except BuildError as error:
+        raise UsageError(str(error)) from error
 
 
 if __name__ == "__main__":

@@ -240,7 +240,7 @@ def _write_st_modules(out: Path, state: dict, hidden: int, pooling: str, max_seq
 def _calibrate_scores(model: PackedReranker, tokenizer, seed: int, n_pairs: int = 24) -> None:
     """Rescale the classifier so raw scores have mean ~3 and std ~5 on random pairs, like the
     teacher-distilled Ettin logits (about -12..22)."""
-    pairs = random_pairs(n_pairs, seed=seed + 1, document_words=(4, 40))
+    pairs = random_pairs(n_pairs, seed=seed + 1, document_words=(10, 120))
     encodings = tokenizer.encode_batch(pairs)
     ids = [torch.tensor(e.ids, dtype=torch.long) for e in encodings]
     lengths = torch.tensor([len(x) for x in ids])

@@ -63,6 +63,24 @@ class Reranker(abc.ABC):
     def max_length(self) -> int:
         return self.encoder.max_length
 
+    @staticmethod
+    def load(artifact_dir, **kwargs) -> Reranker:
+        """Open an artifact folder with the runtime its manifest names (ONNX Runtime or TensorRT).
+        Keyword arguments go to that backend's `load` (threads, device, batch limits, max_length)."""
+        from .manifest import ArtifactError, read_manifest
+
+        manifest = read_manifest(artifact_dir)
+        engine_format = manifest.engine.get("format")
+        if engine_format == "onnx":
+            from .onnxruntime_backend import OnnxRuntimeReranker
+
+            return OnnxRuntimeReranker.load(artifact_dir, manifest, **kwargs)
+        if engine_format == "tensorrt":
+            from .tensorrt_backend import TensorRTReranker
+
+            return TensorRTReranker.load(artifact_dir, manifest, **kwargs)
+        raise ArtifactError(f"{artifact_dir}: unknown engine format {engine_format!r} in manifest.json.")
+
     @abc.abstractmethod
     def _score(self, batch: PackedBatch) -> np.ndarray:
         """Raw float32 scores [B] for one packed batch, in packed order."""

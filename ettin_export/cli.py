@@ -4,6 +4,7 @@ that needs them, so `ettin-export score ARTIFACT` works on a runtime-only instal
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -58,13 +59,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not compare the packed model with sentence-transformers before exporting")
     build.add_argument("--parity-queries", type=int, default=10, help="queries in the built-in parity set")
     build.add_argument("--quiet", action="store_true", help="no progress output")
+
+    for name, (module_name, help_text) in PLUGGED_COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue  # a command module not in this build
+        module.add_arguments(commands.add_parser(name, help=help_text))
     return parser
+
+
+# Commands that live in their own module: `add_arguments(parser)` and `run(args) -> exit status`.
+# Those modules import heavy dependencies inside run(), never at import time.
+PLUGGED_COMMANDS = {
+    "verify": ("ettin_export.verify", "parity report of an artifact against its reference model"),
+    "bench": ("ettin_export.bench", "pairs/s of an artifact or model against the sentence-transformers baseline"),
+    "deploy": ("ettin_export.deploy", "generate a Triton Inference Server model repository from an artifact"),
+    "selftest": ("ettin_export.selftest", "on a GPU with TensorRT: prove an engine end to end, one verdict"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"sizes": _cmd_sizes, "score": _cmd_score, "build": _cmd_build}[args.command]
+    handlers = {"sizes": _cmd_sizes, "score": _cmd_score, "build": _cmd_build}
+    handler = handlers.get(args.command) or importlib.import_module(PLUGGED_COMMANDS[args.command][0]).run
     try:
         return handler(args) or 0
     except UsageError as error:

@@ -2,14 +2,22 @@
 
 The artifact is assembled in a staging folder beside --out and moved into place only after parity
 passes, so an existing good artifact is never lost to a failed or interrupted build.
+
+Targets (ettin_export.targets): `cpu` writes an fp32 ONNX graph for ONNX Runtime; `h100` writes a bf16
+TensorRT engine whose attention layers are the project's AOT plugin, checked against the PyTorch
+flash-attention reference on the GPU. The TensorRT- and GPU-specific steps are behind `EngineHooks`,
+so the gate's logic can be tested with injected runners on a machine without either.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +33,7 @@ from .targets import Target
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CROSSENCODER_CHECK_PAIRS = 48
+PARITY_FILE = "parity.json"
 
 
 class BuildError(RuntimeError):
@@ -43,6 +52,42 @@ class BuildOptions:
     check_crossencoder: bool = True
     parity_queries: int = 10
     quiet: bool = False
+    command_line: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+@dataclass
+class EngineHooks:
+    """The TensorRT/GPU steps of a `tensorrt` target. Defaults come from ettin_export.tensorrt_build;
+    tests inject stand-ins to exercise the parity gate without TensorRT (labelled as such)."""
+
+    preflight: Callable[[Target], dict]  # fast environment check; raises with what is missing
+    build_engine: Callable[..., dict]  # (onnx_path, plan_path, profile, target, timing_cache, steps) -> engine facts
+    engine_profile: Callable[..., dict]  # (max_batch_pairs, max_length, max_batch_tokens) -> limits incl. profile
+    load_runtime: Callable[[Path, Manifest], object]  # (artifact dir, manifest) -> Reranker
+    references: Callable[..., tuple]  # (checkpoint, pairs, encoder) -> (fp32, fp32 name, bf16, bf16 name)
+
+
+def default_engine_hooks() -> EngineHooks:
+    from . import tensorrt_build
+
+    return EngineHooks(
+        preflight=tensorrt_build.preflight,
+        build_engine=tensorrt_build.build_engine,
+        engine_profile=tensorrt_build.engine_profile,
+        load_runtime=tensorrt_build.load_runtime,
+        references=gpu_references,
+    )
+
+
+def gpu_references(checkpoint: Checkpoint, pairs, encoder):
+    from .reference import bf16_reference, fp32_reference
+
+    fp32, fp32_name = fp32_reference(checkpoint, pairs, encoder, "cuda")
+    bf16, bf16_name = bf16_reference(checkpoint, pairs, encoder, "cuda")
+    return fp32, fp32_name, bf16, bf16_name
+
+
+# --- the output folder --------------------------------------------------------------------------
 
 
 def prepare_output(out: Path, force: bool) -> None:
@@ -65,8 +110,8 @@ def prepare_output(out: Path, force: bool) -> None:
         )
 
 
-def staging_dir(out: Path) -> Path:
-    staging = out.parent / f".{out.name}.building-{os.getpid()}"
+def staging_dir(out: Path, kind: str = "building") -> Path:
+    staging = out.parent / f".{out.name}.{kind}-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -83,16 +128,32 @@ def publish(staging: Path, out: Path) -> None:
         shutil.rmtree(backup)
 
 
+def reject(staging: Path, out: Path) -> Path:
+    """Keep a build that failed parity beside --out for inspection; --out itself is untouched."""
+    rejected = out.parent / f"{out.name}.rejected"
+    if rejected.exists():
+        shutil.rmtree(rejected)
+    staging.rename(rejected)
+    return rejected
+
+
+# --- shared steps --------------------------------------------------------------------------------
+
+
 def crossencoder_check(checkpoint: Checkpoint, model, pairs, max_length: int) -> float:
     """Before exporting anything: the packed PyTorch model must match CrossEncoder to 1e-4 (fp32)."""
+    import transformers
     from sentence_transformers import CrossEncoder
 
     from ettin_runtime.packing import PairEncoder
 
     from .torch_runtime import TorchReranker
 
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     cross_encoder = CrossEncoder(
-        str(checkpoint.path), activation_fn=torch.nn.Identity(), device="cpu", max_length=max_length
+        str(checkpoint.path), activation_fn=torch.nn.Identity(), device=device, max_length=max_length
     )
     expected = cross_encoder.predict(pairs, batch_size=16, show_progress_bar=False, convert_to_numpy=True)
     ours = TorchReranker(model, PairEncoder.from_dir(checkpoint.path, max_length)).predict(pairs)
@@ -106,64 +167,18 @@ def crossencoder_sample(pairs: list[tuple[str, str]], count: int) -> list[tuple[
     return [pairs[i] for i in chosen]
 
 
-def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps) -> tuple[Path, ParityReport]:
-    """fp32 ONNX for ONNX Runtime. Returns the staging folder and the parity report."""
-    import onnxruntime
-
-    from ettin_runtime.onnxruntime_backend import OnnxRuntimeReranker
-
-    from .onnx_export import export_onnx
-    from .torch_runtime import TorchReranker
-    from .validate import check_graph_contract, check_values
-
-    target = options.target
-    with steps.step("building the packed PyTorch model (fp32)"):
-        model = checkpoint.build_model(torch.float32)
-        groups = builtin_parity_set(seed=0, queries=options.parity_queries)
-        pairs, spans = flatten(groups)
-    if options.check_crossencoder:
-        with steps.step(f"checking the packed model against CrossEncoder ({CROSSENCODER_CHECK_PAIRS} pairs)"):
-            diff = crossencoder_check(checkpoint, model, crossencoder_sample(pairs, CROSSENCODER_CHECK_PAIRS),
-                                      options.max_length)
-            if not diff <= 1e-4:
-                raise BuildError(
-                    f"the packed PyTorch model differs from CrossEncoder by {diff:.3g} (> 1e-4) on this checkpoint: "
-                    "it uses something ettin-export does not reproduce. Nothing was exported."
-                )
-        steps.note(f"max |Δ| vs CrossEncoder: {diff:.2e}")
-    staging = staging_dir(options.out)
-    try:
-        with steps.step("exporting fp32 ONNX (VarlenAttention custom op + local function body)"):
-            exported = export_onnx(model, staging / "model.onnx", "fp32")
-        with steps.step("validating the graph: names, dynamic axes, values on 12 unseen shapes"):
-            import onnx
-
-            check_graph_contract(onnx.load(str(exported.path), load_external_data=False), model.config.num_layers)
-            session = onnxruntime.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
-            worst = check_values(session, model, tolerance=1e-4)
-        steps.note(f"max |Δ| ONNX Runtime vs PyTorch on the validation grid: {worst:.2e}")
-        write_tokenizer_files(checkpoint, staging)
-        limits = {
-            "max_batch_pairs": options.max_batch_pairs or 256,
-            "max_batch_tokens": options.max_batch_tokens or max(16384, options.max_length),
-        }
-        manifest = make_manifest(checkpoint, options, staging, engine={
-            "format": "onnx", "file": "model.onnx",
-            "external_data": exported.external_data.name if exported.external_data else None,
-            "opset": _opset(exported.path), "onnxruntime_version": onnxruntime.__version__,
-            "tensorrt_version": None, "compute_capability": None, "ptx_version": None,
-        }, limits=limits)
-        manifest.write(staging)
-        with steps.step(f"parity on the built-in set ({len(pairs)} pairs, {len(groups)} queries)"):
-            runtime = OnnxRuntimeReranker.load(staging, manifest)
-            reference = TorchReranker(model, runtime.encoder)
-            metrics = ParityMetrics.compute(reference.predict(pairs), runtime.predict(pairs), spans)
-            report = judge(target, "onnxruntime fp32 (CPU)", "packed PyTorch fp32 (CPU reference attention)", metrics)
-        finish_artifact(staging, manifest, report)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return staging, report
+def check_against_crossencoder(checkpoint, model, pairs, options: BuildOptions, steps: Steps) -> None:
+    if not options.check_crossencoder:
+        return
+    with steps.step(f"checking the packed model against CrossEncoder ({CROSSENCODER_CHECK_PAIRS} pairs)"):
+        diff = crossencoder_check(checkpoint, model, crossencoder_sample(pairs, CROSSENCODER_CHECK_PAIRS),
+                                  options.max_length)
+        if not diff <= 1e-4:
+            raise BuildError(
+                f"the packed PyTorch model differs from CrossEncoder by {diff:.3g} (> 1e-4) on this checkpoint: "
+                "it uses something ettin-export does not reproduce. Nothing was exported."
+            )
+    steps.note(f"max |Δ| vs CrossEncoder: {diff:.2e}")
 
 
 def write_tokenizer_files(checkpoint: Checkpoint, directory: Path) -> None:
@@ -173,13 +188,19 @@ def write_tokenizer_files(checkpoint: Checkpoint, directory: Path) -> None:
             shutil.copy2(source, directory / name)
 
 
-def make_manifest(checkpoint: Checkpoint, options: BuildOptions, directory: Path, *, engine: dict, limits: dict) -> Manifest:
+def make_manifest(
+    checkpoint: Checkpoint, options: BuildOptions, directory: Path, *, engine: dict, limits: dict,
+    precision: str | None = None,
+) -> Manifest:
+    from .reference import weights_fingerprint
+
     config = checkpoint.config
-    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in (MANIFEST_NAME, "parity.json"))
+    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in (MANIFEST_NAME, PARITY_FILE))
     return Manifest(
         source={
             "model": checkpoint.source, "revision": checkpoint.revision, "layout": checkpoint.layout,
             "size": checkpoint.size, "random_weights": checkpoint.random_weights,
+            "weights_sha256": weights_fingerprint(checkpoint),
         },
         model={
             "hidden_size": config.hidden_size, "num_layers": config.num_layers, "num_heads": config.num_heads,
@@ -189,7 +210,7 @@ def make_manifest(checkpoint: Checkpoint, options: BuildOptions, directory: Path
         score_activation=checkpoint.activation,
         max_length=options.max_length,
         target=options.target.name,
-        precision=options.target.precision,
+        precision=precision or options.target.precision,
         engine=engine,
         limits=limits,
         files=hash_files(directory, files),
@@ -198,39 +219,208 @@ def make_manifest(checkpoint: Checkpoint, options: BuildOptions, directory: Path
 
 
 def finish_artifact(staging: Path, manifest: Manifest, report: ParityReport) -> None:
-    (staging / "parity.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    (staging / PARITY_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     manifest.parity = report.summary()
     manifest.write(staging)
 
 
-def _opset(path: Path) -> int:
+def onnx_engine_facts(path: Path, external_data: Path | None) -> dict:
     import onnx
+    import onnxruntime
 
     proto = onnx.load(str(path), load_external_data=False)
-    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return {
+        "format": "onnx", "file": path.name, "external_data": external_data.name if external_data else None,
+        "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+        "onnxruntime_version": onnxruntime.__version__, "tensorrt_version": None,
+        "compute_capability": None, "ptx_version": None,
+    }
 
 
-def run_build(checkpoint_loader, options: BuildOptions) -> int:
-    """The whole command: returns the exit status (0 built, 1 parity failed, 2 refused)."""
-    steps = Steps(f"ettin-export build --target {options.target.name} -> {options.out}", quiet=options.quiet)
+# --- target cpu: fp32 ONNX for ONNX Runtime ------------------------------------------------------
+
+
+def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps) -> tuple[Path, ParityReport]:
+    """fp32 ONNX for ONNX Runtime. Returns the staging folder and the parity report."""
+    import onnx
+    import onnxruntime
+
+    from ettin_runtime.onnxruntime_backend import OnnxRuntimeReranker
+
+    from .onnx_export import export_onnx
+    from .reference import fp32_reference
+    from .validate import check_graph_contract, check_values
+
+    with steps.step("building the packed PyTorch model (fp32)"):
+        model = checkpoint.build_model(torch.float32)
+        groups = builtin_parity_set(seed=0, queries=options.parity_queries)
+        pairs, spans = flatten(groups)
+    check_against_crossencoder(checkpoint, model, pairs, options, steps)
+    staging = staging_dir(options.out)
+    try:
+        with steps.step("exporting fp32 ONNX (VarlenAttention custom op + local function body)"):
+            exported = export_onnx(model, staging / "model.onnx", "fp32")
+        with steps.step("validating the graph: names, dynamic axes, values on 12 unseen shapes"):
+            check_graph_contract(onnx.load(str(exported.path), load_external_data=False), model.config.num_layers)
+            session = onnxruntime.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+            worst = check_values(session, model, tolerance=1e-4)
+            del session
+        steps.note(f"max |Δ| ONNX Runtime vs PyTorch on the validation grid: {worst:.2e}")
+        write_tokenizer_files(checkpoint, staging)
+        limits = {
+            "max_batch_pairs": options.max_batch_pairs or 256,
+            "max_batch_tokens": options.max_batch_tokens or max(16384, options.max_length),
+        }
+        manifest = make_manifest(
+            checkpoint, options, staging, engine=onnx_engine_facts(exported.path, exported.external_data), limits=limits
+        )
+        manifest.write(staging)
+        with steps.step(f"parity on the built-in set ({len(pairs)} pairs, {len(groups)} queries)"):
+            runtime = OnnxRuntimeReranker.load(staging, manifest)
+            reference, reference_name = fp32_reference(checkpoint, pairs, runtime.encoder, "cpu")
+            metrics = ParityMetrics.compute(reference, runtime.predict(pairs), spans)
+            report = judge(options.target, "onnxruntime fp32 (CPU)", reference_name, metrics)
+        finish_artifact(staging, manifest, report)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging, report
+
+
+# --- target h100: bf16 ONNX -> TensorRT engine -----------------------------------------------------
+
+
+def export_bf16_checked(model, directory: Path, steps: Steps):
+    """The bf16-typed graph, its contract, and a numerical check of its arithmetic: widened to fp32
+    (same graph, bf16 weights as fp32 values), it must match the fp32 PyTorch model whose weights are
+    rounded to bf16 — a wrong cast or an fp32 island in the wrong place shows here."""
+    import onnx
+    import onnxruntime
+
+    from .onnx_export import export_onnx
+    from .validate import bf16_as_fp32, check_graph_contract, check_values
+
+    with steps.step("exporting bf16 ONNX (VarlenAttention nodes carry plugin_namespace + aot=1)"):
+        exported = export_onnx(model, directory / "model.onnx", "bf16")
+    with steps.step("checking the bf16 graph: contract, and its arithmetic widened to fp32 in ONNX Runtime"):
+        proto = onnx.load(str(exported.path), load_external_data=False)
+        check_graph_contract(proto, model.config.num_layers)
+        widened = bf16_as_fp32(proto, exported.path.parent)
+        session = onnxruntime.InferenceSession(widened.SerializeToString(), providers=["CPUExecutionProvider"])
+        rounded = model.to(torch.bfloat16).to(torch.float32)
+        worst = check_values(session, rounded, tolerance=1e-3)
+        del session, widened
+    steps.note(f"max |Δ| widened bf16 graph vs PyTorch with bf16-rounded weights: {worst:.2e}")
+    return exported
+
+
+def finish_command(options: BuildOptions) -> str:
+    """The user's own command line, minus --onnx-only: what to run on the GPU machine."""
+    argv = [a for a in options.command_line if a != "--onnx-only"]
+    if argv and Path(argv[0]).name in ("ettin-export", "__main__.py", "cli.py"):
+        argv = ["ettin-export", *argv[1:]]
+    return shlex.join(argv) if argv else "ettin-export build ... --target h100"
+
+
+def build_tensorrt(
+    checkpoint: Checkpoint, options: BuildOptions, steps: Steps, hooks: EngineHooks
+) -> tuple[Path, ParityReport | None]:
+    target = options.target
+    with steps.step("building the packed PyTorch model (fp32 reference)"):
+        model = checkpoint.build_model(torch.float32)
+        groups = builtin_parity_set(seed=0, queries=options.parity_queries)
+        pairs, spans = flatten(groups)
+    check_against_crossencoder(checkpoint, model, pairs, options, steps)
+    limits = hooks.engine_profile(
+        max_batch_pairs=options.max_batch_pairs or target.default_max_batch_pairs,
+        max_length=options.max_length, max_batch_tokens=options.max_batch_tokens,
+    )
+    staging = staging_dir(options.out)
+    work = staging_dir(options.out, "onnx") if not options.onnx_only else staging
+    try:
+        exported = export_bf16_checked(model, work, steps)
+        del model
+        write_tokenizer_files(checkpoint, staging)
+        if options.onnx_only:
+            manifest = make_manifest(
+                checkpoint, options, staging, engine=onnx_engine_facts(exported.path, exported.external_data),
+                limits=limits,
+            )
+            manifest.write(staging)
+            return staging, None
+        timing_cache = options.out.parent / f"{options.out.name}.timing.cache"
+        plan = staging / "model.plan"
+        engine = hooks.build_engine(
+            onnx_path=exported.path, plan_path=plan, limits=limits, target=target,
+            timing_cache=timing_cache, steps=steps,
+        )
+        if work != staging:
+            shutil.rmtree(work, ignore_errors=True)
+        manifest = make_manifest(checkpoint, options, staging, engine={"format": "tensorrt", "file": plan.name, **engine},
+                                 limits=limits)
+        manifest.write(staging)
+        with steps.step(f"parity on the GPU ({len(pairs)} pairs, {len(groups)} queries)"):
+            runtime = hooks.load_runtime(staging, manifest)
+            candidate = runtime.predict(pairs)
+            fp32, fp32_name, bf16, bf16_name = hooks.references(checkpoint, pairs, runtime.encoder)
+            report = judge(
+                target, f"tensorrt bf16 ({engine.get('gpu_name', 'GPU')})", fp32_name,
+                ParityMetrics.compute(fp32, candidate, spans), bf16_name, ParityMetrics.compute(fp32, bf16, spans),
+            )
+        finish_artifact(staging, manifest, report)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if work != staging:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    return staging, report
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def run_build(checkpoint_loader, options: BuildOptions, hooks: EngineHooks | None = None) -> int:
+    """The whole command: returns the exit status (0 built, 1 parity failed; BuildError when refused)."""
+    target = options.target
+    if target.engine == "tensorrt" and not options.onnx_only:
+        # Before any long work: a missing TensorRT or the wrong GPU stops the build within seconds.
+        hooks = hooks or default_engine_hooks()
+        facts = hooks.preflight(target)
     prepare_output(options.out, options.force)
+    steps = Steps(f"ettin-export build --target {target.name} -> {options.out}", quiet=options.quiet)
+    if target.engine == "tensorrt" and not options.onnx_only:
+        steps.note(", ".join(f"{k}: {v}" for k, v in facts.items()))
     with steps.step("loading the checkpoint"):
         checkpoint: Checkpoint = checkpoint_loader()
     steps.note(
         f"{checkpoint.source} ({checkpoint.layout}; {checkpoint.config.num_layers} layers, hidden "
         f"{checkpoint.config.hidden_size}; random weights: {'yes' if checkpoint.random_weights else 'no'})"
     )
-    if options.target.engine != "onnx":
-        raise BuildError(f"target {options.target.name} is built by the TensorRT builder, not here.")
-    staging, report = build_cpu(checkpoint, options, steps)
+    if target.engine == "onnx":
+        staging, report = build_cpu(checkpoint, options, steps)
+    else:
+        if options.onnx_only:
+            hooks = hooks or EngineHooks(None, None, _tensorrt_profile(), None, None)
+        staging, report = build_tensorrt(checkpoint, options, steps, hooks)
+    if report is None:  # --onnx-only
+        publish(staging, options.out)
+        steps.done(f"bf16 ONNX written to {options.out} (no engine yet)")
+        steps.console.print(
+            "To finish on a machine with TensorRT >= 10.9 and an H100/H200, copy nothing: run\n"
+            f"    {finish_command(options)}"
+        )
+        return 0
     steps.console.print(format_report(report))
     if not report.passed:
-        rejected = options.out.parent / f"{options.out.name}.rejected"
-        if rejected.exists():
-            shutil.rmtree(rejected)
-        staging.rename(rejected)
+        rejected = reject(staging, options.out)
         steps.done(f"parity FAILED: nothing at {options.out} was changed; the rejected build is in {rejected}")
         return 1
     publish(staging, options.out)
     steps.done(f"artifact ready: {options.out}")
     return 0
+
+
+def _tensorrt_profile():
+    from .tensorrt_build import engine_profile
+
+    return engine_profile

@@ -223,9 +223,10 @@ def _cmd_build(args) -> int:
         return open_source(args.model, size=args.size, random_weights=args.random_weights,
                            revision=args.revision, max_length=max_length)
 
+    options.command_line = ["ettin-export", *sys.argv[1:]] if sys.argv and "ettin" in sys.argv[0] else options.command_line
     try:
         return run_build(load, options)
-    except BuildError as error:
+    except BuildError as error:  # includes "TensorRT missing" / "wrong GPU" from the preflight
         raise UsageError(str(error)) from error
 
 

@@ -119,7 +119,7 @@ def export_onnx(model: PackedReranker, out_path: str | Path, precision: str = "f
     dims["cu_seqlens"] = {0: torch.export.Dim(DIM_NAMES["cu_seqlens"], min=2)}
     with torch.inference_mode(False), torch.no_grad():
         program = torch.onnx.export(
-            _GraphInterface(model), example, dynamo=True, input_names=list(INPUT_NAMES),
+            _GraphInterface(model).eval(), example, dynamo=True, input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES), dynamic_shapes=dims, opset_version=OPSET,
             custom_translation_table=_translation_table(), verbose=False,
         )

@@ -37,3 +37,16 @@ def ettin17m_reduced(tmp_path_factory):
     return write_random_checkpoint(
         tmp_path_factory.mktemp("e17m") / "ckpt", "17m", seed=5, num_layers=4, max_seq_length=320
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_checkpoint):
+    """An fp32 CPU artifact of the tiny checkpoint, built through the real `build` path."""
+    from ettin_export.build import BuildOptions, run_build
+    from ettin_export.checkpoint import load_checkpoint
+    from ettin_export.targets import get_target
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-cpu"
+    options = BuildOptions(out=out, target=get_target("cpu"), max_length=200, parity_queries=2, quiet=True)
+    assert run_build(lambda: load_checkpoint(str(tiny_checkpoint), max_length=200), options) == 0
+    return out

@@ -12,7 +12,10 @@ with rotary angles, LayerNorm, softmax and the score in fp32.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +120,7 @@ def export_onnx(model: PackedReranker, out_path: str | Path, precision: str = "f
     example = _example_inputs(model.config.vocab_size)
     dims = {name: {0: torch.export.Dim(DIM_NAMES[name], min=1)} for name in INPUT_NAMES}
     dims["cu_seqlens"] = {0: torch.export.Dim(DIM_NAMES["cu_seqlens"], min=2)}
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             _GraphInterface(model).eval(), example, dynamo=True, input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES), dynamic_shapes=dims, opset_version=OPSET,
@@ -128,6 +131,21 @@ def export_onnx(model: PackedReranker, out_path: str | Path, precision: str = "f
     external = save_model(proto, out_path)
     onnx.checker.check_model(str(out_path), full_check=True)
     return ExportedGraph(out_path, external, precision, num_nodes)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs and warns about things that do not concern this graph (torchvision ops,
+    deprecations in its own dependencies); keep the user's terminal for our progress and errors."""
+    logger = logging.getLogger("torch.onnx")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(previous)
 
 
 def finalize_graph(proto: onnx.ModelProto) -> int:

@@ -315,10 +315,13 @@ def export_bf16_checked(model, directory: Path, steps: Steps):
 
 
 def finish_command(options: BuildOptions) -> str:
-    """The user's own command line, minus --onnx-only: what to run on the GPU machine."""
+    """The user's own command line, minus --onnx-only: what to run on the GPU machine (with --force, so
+    the same command also finishes the build where the ONNX-only artifact already sits at --out)."""
     argv = [a for a in options.command_line if a != "--onnx-only"]
     if argv and Path(argv[0]).name in ("ettin-export", "__main__.py", "cli.py"):
         argv = ["ettin-export", *argv[1:]]
+    if argv and "--force" not in argv:
+        argv.append("--force")
     return shlex.join(argv) if argv else "ettin-export build ... --target h100"
 
 
@@ -326,15 +329,16 @@ def build_tensorrt(
     checkpoint: Checkpoint, options: BuildOptions, steps: Steps, hooks: EngineHooks
 ) -> tuple[Path, ParityReport | None]:
     target = options.target
+    # The profile first: a bad --max-batch-* stops the build before the model is even built.
+    limits = hooks.engine_profile(
+        max_batch_pairs=options.max_batch_pairs or target.default_max_batch_pairs,
+        max_length=options.max_length, max_batch_tokens=options.max_batch_tokens,
+    )
     with steps.step("building the packed PyTorch model (fp32 reference)"):
         model = checkpoint.build_model(torch.float32)
         groups = builtin_parity_set(seed=0, queries=options.parity_queries)
         pairs, spans = flatten(groups)
     check_against_crossencoder(checkpoint, model, pairs, options, steps)
-    limits = hooks.engine_profile(
-        max_batch_pairs=options.max_batch_pairs or target.default_max_batch_pairs,
-        max_length=options.max_length, max_batch_tokens=options.max_batch_tokens,
-    )
     staging = staging_dir(options.out)
     work = staging_dir(options.out, "onnx") if not options.onnx_only else staging
     try:

@@ -1,0 +1,522 @@
+"""TensorRT for `--target h100`: preflight, engine profile, plan build, and the runtime hook.
+
+    preflight(target)           seconds: TensorRT >= 10.9 with tensorrt.plugin, a CUDA GPU and driver, the
+                                target's compute capability, Triton for the kernel compile (and the
+                                polygraphy / PyTorch-CUDA pieces the build and its parity gate use)
+    engine_profile(...)         the `limits` manifest entry: one optimization profile over total tokens
+                                and pair count
+    build_engine(...)           register the AOT plugin -> parse the bf16 ONNX (polygraphy's loaders) ->
+                                one plugin layer per VarlenAttention node, or stop -> build with the
+                                profile and a timing cache -> plan + facts for the manifest
+    load_runtime(dir, manifest) the artifact's TensorRTReranker (ettin_runtime, no torch)
+
+Everything that needs no TensorRT is a plain function here and tested on a CPU: the profile math,
+the parser-rules check of the graph against the plugin's registration signature, node and layer
+counting, version rules and the manifest facts. TensorRT, polygraphy and the GPU are imported only
+inside `preflight` and `build_engine`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .build import BuildError
+
+MIN_TENSORRT = (10, 9)  # tensorrt.plugin.aot_impl (ahead-of-time Python plugins) arrived in 10.9
+NQ_LIKE_PAIR_TOKENS = 128  # a query of ~12 tokens and a passage of ~105, plus 3 special tokens
+MAX_PROFILE_TOKENS = 1 << 20  # beyond this one run's activations outgrow any single GPU for the large sizes
+INSTALL_TENSORRT = (
+    "    pip install tensorrt-cu12 --extra-index-url https://pypi.nvidia.com\n"
+    "(tensorrt-cu13 for a CUDA 13 driver; PyPI alone only holds a placeholder), or build inside NVIDIA's "
+    "container nvcr.io/nvidia/tensorrt:<YY.MM>-py3 of a release that ships TensorRT >= 10.9"
+)
+ONNX_ONLY_HINT = (
+    "No such machine at hand? `ettin-export build ... --target h100 --onnx-only` writes the bf16 ONNX here "
+    "and prints the command that finishes the build on the GPU machine."
+)
+
+
+class TensorRTUnavailable(BuildError):
+    """TensorRT, the GPU or a build dependency is missing or wrong; the message says what and how to fix it."""
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """"10.9.0.34" -> (10, 9, 0, 34); stops at the first non-numeric part ("11.0.0b1" -> (11, 0))."""
+    parts = []
+    for piece in str(text).split("."):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts)
+
+
+# --- the optimization profile (pure) --------------------------------------------------------------------
+
+
+def engine_profile(max_batch_pairs: int, max_length: int, max_batch_tokens: int | None = None) -> dict:
+    """The engine's one optimization profile, as the manifest's `limits` entry.
+
+    A server batches by request count, not by tokens, so the token maximum is at least
+    max_batch_pairs x max_length (a full batch of full-length pairs must fit); --max-batch-tokens may
+    raise it, never lower it. The opt point is an NQ-like batch: every pair, ~128 tokens each."""
+    _require_int("--max-batch-size", max_batch_pairs, 1)
+    _require_int("--max-length", max_length, 2)
+    needed = max_batch_pairs * max_length
+    if max_batch_tokens is None:
+        max_tokens = needed
+    else:
+        _require_int("--max-batch-tokens", max_batch_tokens, 1)
+        if max_batch_tokens < needed:
+            raise BuildError(
+                f"--max-batch-tokens {max_batch_tokens} is below --max-batch-size x --max-length = {max_batch_pairs} x "
+                f"{max_length} = {needed}: a server that batches {max_batch_pairs} full-length pairs would exceed the "
+                "engine. Lower --max-batch-size or --max-length, or leave --max-batch-tokens out."
+            )
+        max_tokens = max_batch_tokens
+    if max_tokens > MAX_PROFILE_TOKENS:
+        raise BuildError(
+            f"the profile would take up to {max_tokens} tokens per run (more than {MAX_PROFILE_TOKENS}); lower "
+            "--max-batch-size, --max-length or --max-batch-tokens."
+        )
+    opt_tokens = min(max_tokens, max_batch_pairs * min(max_length, NQ_LIKE_PAIR_TOKENS))
+    return {
+        "max_batch_pairs": max_batch_pairs,
+        "max_batch_tokens": max_tokens,
+        "profile": {
+            "total_tokens": [1, opt_tokens, max_tokens],
+            "num_pairs_plus_1": [2, max_batch_pairs + 1, max_batch_pairs + 1],
+        },
+    }
+
+
+def _require_int(flag: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BuildError(f"{flag} must be an integer of at least {minimum}; got {value!r}.")
+
+
+def profile_shapes(limits: dict) -> dict[str, tuple[tuple[int], tuple[int], tuple[int]]]:
+    """{input name: ((min,), (opt,), (max,))} for the engine's single profile."""
+    return {name: tuple((int(v),) for v in limits["profile"][dim])
+            for name, dim in (("input_ids", "total_tokens"), ("cu_seqlens", "num_pairs_plus_1"))}
+
+
+# --- the graph against the TensorRT parser's rules (pure, onnx only) -------------------------------------
+
+
+def attention_nodes(proto) -> list:
+    """The graph's VarlenAttention nodes (by op type and domain, as the exporter writes them)."""
+    from ettin_plugins import spec
+
+    return [n for n in proto.graph.node if n.op_type == spec.OP_NAME and n.domain == spec.PLUGIN_NAMESPACE]
+
+
+def parser_rule_problems(proto, registered_inputs=None, registered_attributes=None) -> list[str]:
+    """Why the TensorRT ONNX parser would NOT swap the plugin in for each VarlenAttention node (or would
+    feed it wrong): empty when every rule holds. The plugin's inputs and attributes come from its
+    registration signature (ettin_plugins.trt_plugin), not from the constants the exporter reads.
+
+    Rules (shared/reference/tensorrt-notes.md §4-5): op_type is the registered name; `plugin_namespace`
+    is the registered namespace (TensorRT >= 10.15 otherwise inlines the local function); `aot` = 1
+    (strict AOT, so the plan needs no Python); every registered attribute is present (QDP has no
+    defaults, the parser only warns) as an INT that fits int32; the inputs are in the registered order,
+    cu_seqlens int32 (no int64 auto-cast for user plugins), q/k/v one of the types the plugin offers."""
+    from onnx import AttributeProto, TensorProto
+
+    from ettin_plugins import spec, trt_plugin
+
+    inputs = tuple(registered_inputs if registered_inputs is not None else trt_plugin.registered_input_names())
+    attributes = tuple(registered_attributes if registered_attributes is not None
+                       else trt_plugin.registered_attribute_names())
+    namespace, name = spec.PLUGIN_ID.split("::")
+    float_types = {TensorProto.BFLOAT16: "bfloat16", TensorProto.FLOAT16: "float16"}
+    types = _tensor_types(proto)
+    problems: list[str] = []
+    nodes = [n for n in proto.graph.node if n.op_type == name]
+    if not nodes:
+        return [f"the graph has no {name} node: nothing for the plugin {spec.PLUGIN_ID} to replace."]
+    for index, node in enumerate(nodes):
+        where = node.name or f"{name} node #{index}"
+        attrs = {a.name: a for a in node.attribute}
+        found_namespace = attrs.get("plugin_namespace")
+        if found_namespace is None:
+            problems.append(f"{where}: no plugin_namespace attribute; TensorRT >= 10.15 would inline the local "
+                            "function instead of using the plugin.")
+        elif found_namespace.type != AttributeProto.STRING or found_namespace.s.decode() != namespace:
+            problems.append(f"{where}: plugin_namespace is {_attribute_text(found_namespace)}, the plugin is "
+                            f"registered in namespace {namespace!r}.")
+        aot = attrs.get("aot")
+        if aot is None or aot.type != AttributeProto.INT or aot.i != 1:
+            problems.append(f"{where}: aot must be INT 1 (the ahead-of-time plugin, so the plan runs without "
+                            f"Python); found {_attribute_text(aot)}.")
+        version = attrs.get("plugin_version")
+        if version is not None and version.s.decode() != "1":
+            problems.append(f"{where}: plugin_version {version.s.decode()!r}; Python plugins register version '1'.")
+        for attribute in attributes:
+            value = attrs.get(attribute)
+            if value is None:
+                problems.append(f"{where}: lacks attribute {attribute!r}, which the plugin registers (Python plugins "
+                                "have no defaults and the parser only warns).")
+            elif value.type != AttributeProto.INT:
+                problems.append(f"{where}: attribute {attribute!r} is {AttributeProto.AttributeType.Name(value.type)}; "
+                                "the plugin takes an int (ONNX INT -> kINT32).")
+            elif not -(2**31) <= value.i < 2**31:
+                problems.append(f"{where}: attribute {attribute!r} = {value.i} does not fit int32 "
+                                "(the parser narrows it).")
+        if len(node.input) != len(inputs):
+            problems.append(f"{where}: {len(node.input)} inputs, the plugin registers {len(inputs)} {inputs}.")
+            continue
+        element_types = []
+        for position, input_name in enumerate(inputs):
+            tensor = node.input[position]
+            elem = types.get(tensor)
+            if elem is None:
+                problems.append(f"{where}: the type of input {input_name} ({tensor}) is not recorded in the graph.")
+            elif input_name == "cu_seqlens":
+                if elem != TensorProto.INT32:
+                    problems.append(f"{where}: cu_seqlens ({tensor}) is {TensorProto.DataType.Name(elem)}; the plugin "
+                                    "takes INT32 and the parser does not cast for user plugins.")
+            elif elem not in float_types:
+                problems.append(f"{where}: {input_name} ({tensor}) is {TensorProto.DataType.Name(elem)}; the plugin "
+                                f"offers {' or '.join(float_types.values())} (a bf16-typed graph is needed).")
+            else:
+                element_types.append(elem)
+        if len(set(element_types)) > 1:
+            problems.append(f"{where}: q, k and v have different types; the plugin ties them to one.")
+        shape = _tensor_shapes(proto).get(node.input[0])
+        if shape is not None and (len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape[1:])):
+            problems.append(f"{where}: q has shape {shape}; the plugin needs [tokens, heads, head_dim] with "
+                            "static heads and head_dim.")
+    if not any(f.name == name and f.domain == namespace for f in proto.functions):
+        problems.append(f"the model lacks the local function {namespace}::{name} (ONNX Runtime needs its body).")
+    if not any(o.domain == namespace for o in proto.opset_import):
+        problems.append(f"the model imports no opset for domain {namespace!r}.")
+    return problems
+
+
+def check_parser_rules(proto) -> int:
+    """Raise BuildError listing every broken rule; return the number of VarlenAttention nodes."""
+    problems = parser_rule_problems(proto)
+    if problems:
+        raise BuildError("the bf16 graph does not meet the TensorRT parser's plugin rules:\n  - "
+                         + "\n  - ".join(problems))
+    return len(attention_nodes(proto))
+
+
+def _tensor_types(proto) -> dict[str, int]:
+    graph = proto.graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return types
+
+
+def _tensor_shapes(proto) -> dict[str, list]:
+    shapes = {}
+    for value in list(proto.graph.input) + list(proto.graph.value_info):
+        tensor = value.type.tensor_type
+        if tensor.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                                  for d in tensor.shape.dim]
+    return shapes
+
+
+def _attribute_text(attribute) -> str:
+    if attribute is None:
+        return "nothing"
+    from onnx import AttributeProto, helper
+
+    return f"{AttributeProto.AttributeType.Name(attribute.type)} {helper.get_attribute_value(attribute)!r}"
+
+
+# --- the parsed network (TensorRT objects, counted with plain attribute access) ------------------------------
+
+
+def count_plugin_layers(network, trt) -> dict[str, int]:
+    """Plugin layers in a parsed network, by interface: {"v3": n, "v2": m}. QDP plugins are IPluginV3."""
+    counts = {"v3": 0, "v2": 0}
+    kinds = {getattr(trt.LayerType, "PLUGIN_V3", None): "v3", getattr(trt.LayerType, "PLUGIN_V2", None): "v2"}
+    kinds.pop(None, None)
+    for index in range(network.num_layers):
+        kind = kinds.get(network.get_layer(index).type)
+        if kind:
+            counts[kind] += 1
+    return counts
+
+
+def check_plugin_layers(counts: dict[str, int], expected: int, tensorrt_version: str = "?") -> None:
+    if counts.get("v3", 0) == expected and not counts.get("v2", 0):
+        return
+    raise BuildError(
+        f"TensorRT {tensorrt_version} parsed {counts.get('v3', 0)} plugin layers (and {counts.get('v2', 0)} legacy "
+        f"ones) for the graph's {expected} VarlenAttention nodes: the parser inlined the local-function body for the "
+        "rest, which builds a correct but slow engine, so the build stops. Check that TensorRT is >= 10.9 with "
+        "tensorrt.plugin, that ettin_plugins registered before parsing (it does, in this build), and that every node "
+        "carries plugin_namespace='ettin' and aot=1 (the parser-rules check above)."
+    )
+
+
+# --- versions and builder settings (pure) --------------------------------------------------------------------
+
+
+def tensorrt_version_problem(version: str, has_plugin_module: bool, has_aot: bool) -> str | None:
+    if version_tuple(version)[:2] < MIN_TENSORRT:
+        return (f"TensorRT {version} is too old: the ahead-of-time Python plugins this engine is built with "
+                f"(tensorrt.plugin.aot_impl) arrived in TensorRT {'.'.join(map(str, MIN_TENSORRT))}.")
+    if not has_plugin_module:
+        return (f"TensorRT {version} has no tensorrt.plugin module (Python plugins); reinstall TensorRT's "
+                "Python package.")
+    if not has_aot:
+        return f"TensorRT {version}'s tensorrt.plugin has no aot_impl (ahead-of-time plugins)."
+    return None
+
+
+def builder_settings(tensorrt_version: str, *, has_plugin_override_flag: bool) -> dict:
+    """How the network and builder are configured, as recorded in the manifest."""
+    major = version_tuple(tensorrt_version)[0]
+    return {
+        # 10.x: ask for strong typing; 11.x: always strongly typed (the flag is deprecated and ignored).
+        "strongly_typed": True,
+        "strongly_typed_flag": major < 11,
+        "parser_flags": ["ENABLE_PLUGIN_OVERRIDE"] if has_plugin_override_flag else [],
+        "tf32": False,  # fp32 islands (norm statistics, softmax, the score) stay IEEE fp32
+        "precision": "as typed in the ONNX graph (bf16 weights and matmuls, fp32 islands)",
+        "optimization_profiles": 1,
+    }
+
+
+def engine_facts(*, tensorrt_version: str, gpu, kernel, plugin_layers: dict, attention_nodes: int, limits: dict,
+                 settings: dict, opset: int | None = None, timing_cache: dict | None = None,
+                 build_seconds: float | None = None) -> dict:
+    """The manifest's `engine` entry (format and file are added by the build)."""
+    from ettin_plugins import aot, spec
+
+    return {
+        "external_data": None,
+        "opset": opset,
+        "onnxruntime_version": None,
+        "tensorrt_version": str(tensorrt_version),
+        "compute_capability": gpu.capability,
+        "ptx_version": kernel.ptx_version,
+        "ptx_target": kernel.target,
+        "gpu_name": gpu.name,
+        "driver_version": gpu.driver_version,
+        "cuda_driver_version": gpu.cuda_driver_version,
+        "plugin": spec.PLUGIN_ID,
+        "plugin_layers": plugin_layers.get("v3", 0),
+        "attention_nodes": attention_nodes,
+        "triton_version": kernel.triton_version,
+        "kernel_tactics": {str(t): asdict(c) for t, c in aot.TACTICS.items()},
+        "profile": limits["profile"],
+        "builder": settings,
+        "timing_cache": timing_cache,
+        "build_seconds": None if build_seconds is None else round(build_seconds, 1),
+    }
+
+
+# --- preflight: seconds, before any long work ------------------------------------------------------------------
+
+
+def _import_tensorrt_modules():
+    """(tensorrt, tensorrt.plugin or None); raises ImportError/OSError when TensorRT is absent."""
+    import tensorrt as trt
+
+    try:
+        import tensorrt.plugin as trtp
+    except ImportError:
+        trtp = None
+    return trt, trtp
+
+
+def _probe_gpu():
+    from ettin_runtime.tensorrt_backend import probe_gpu
+
+    return probe_gpu(0)
+
+
+def _builder_error(trt) -> str | None:
+    """None when TensorRT can create a Builder (it needs a working CUDA device), else why not."""
+    try:
+        builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+    except TypeError as error:  # pybind's "factory function returned nullptr": CUDA init failed
+        return str(error)
+    del builder
+    return None
+
+
+def _triton_version() -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    del GPUTarget  # importable is all the AOT compile needs here
+    return triton.__version__
+
+
+def _check_polygraphy() -> None:
+    from polygraphy import cuda
+    from polygraphy.backend.trt import CreateConfig
+
+    del CreateConfig  # importable is all the build needs here
+    cuda.wrapper()  # loads libcudart: the runtime's device buffers
+
+
+def _torch_cuda() -> str:
+    """The bf16 reference's attention implementation, when PyTorch sees the GPU; raises otherwise."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"PyTorch {torch.__version__} here sees no CUDA device")
+    from .attention import cuda_attention_implementation
+
+    return cuda_attention_implementation()
+
+
+def _needs(what: str, how: str, *, elsewhere: bool = True) -> TensorRTUnavailable:
+    return TensorRTUnavailable(f"{what}\n{how}" + (f"\n{ONNX_ONLY_HINT}" if elsewhere else ""))
+
+
+def preflight(target) -> dict:
+    """Everything `--target h100` needs, checked in seconds and in this order; raises
+    TensorRTUnavailable naming what is missing and how to get it. Returns facts for the log."""
+    started = time.perf_counter()
+    requirement = (f"--target {target.name} builds a TensorRT engine on the GPU it targets: TensorRT >= "
+                   f"{'.'.join(map(str, MIN_TENSORRT))} with tensorrt.plugin, and an NVIDIA GPU of compute capability "
+                   f"{_capability_text(target)} with its driver.")
+    try:
+        trt, trtp = _import_tensorrt_modules()
+    except (ImportError, OSError) as error:
+        raise _needs(f"TensorRT is not installed here ({type(error).__name__}: {error}). {requirement}",
+                     f"Get TensorRT with\n{INSTALL_TENSORRT}.") from error
+    problem = tensorrt_version_problem(trt.__version__, trtp is not None, hasattr(trtp, "aot_impl"))
+    if problem:
+        raise _needs(f"{problem} {requirement}", f"Upgrade with\n{INSTALL_TENSORRT}.")
+
+    from ettin_runtime.tensorrt_backend import GpuUnavailable
+
+    try:
+        gpu = _probe_gpu()
+    except GpuUnavailable as error:
+        raise _needs(f"No CUDA GPU is usable here: {error} {requirement}",
+                     "Run the build on a machine with the GPU and its NVIDIA driver (containers: --gpus all).",
+                     ) from error
+    builder_error = _builder_error(trt)
+    if builder_error:
+        raise _needs(
+            f"TensorRT {trt.__version__} cannot use the GPU ({gpu.name}): creating a Builder failed ({builder_error}); "
+            "TensorRT logs 'CUDA initialization failure' when the driver is too old for it or no device is visible.",
+            f"Update the NVIDIA driver (this one supports CUDA {gpu.cuda_version}) or install the TensorRT build for "
+            "it (tensorrt-cu12 / tensorrt-cu13).")
+    if target.compute_capability is not None and gpu.compute_capability != tuple(target.compute_capability):
+        raise TensorRTUnavailable(
+            f"This GPU is {gpu.name} (compute capability {gpu.capability}), but --target {target.name} builds for "
+            f"compute capability {_capability_text(target)} ({target.ptx_arch}: {target.description}); the plugin's "
+            "kernels are compiled for that architecture only and the plan would not run elsewhere. Run the build on "
+            f"that GPU, or choose the target that matches this one."
+        )
+    try:
+        triton_version = _triton_version()
+    except ImportError as error:
+        raise _needs(f"OpenAI Triton is not installed ({error}): the build compiles the attention kernel to PTX "
+                     "with it.", "Install it with: pip install 'triton>=3.2'  (or pip install 'ettin-export[kernel]').",
+                     elsewhere=False) from error
+    try:
+        _check_polygraphy()
+    except Exception as error:  # noqa: BLE001 - ImportError, OSError (no libcudart) or polygraphy's own
+        raise _needs(f"polygraphy or the CUDA runtime library is missing ({type(error).__name__}: {error}): the build "
+                     "parses and builds through polygraphy, and the engine runs on its CUDA buffers.",
+                     "Install with: pip install polygraphy nvidia-cuda-runtime-cu12  (or pip install "
+                     "'ettin-export[tensorrt]'; NVIDIA's TensorRT container has both).",
+                     elsewhere=False) from error
+    try:
+        reference = _torch_cuda()
+    except (ImportError, RuntimeError) as error:
+        raise _needs(f"{error}: the parity gate runs the packed PyTorch reference (fp32, and bf16 with flash "
+                     "attention) on this GPU.",
+                     "Install a CUDA build of PyTorch (https://pytorch.org/get-started/locally/).",
+                     elsewhere=False) from error
+    return {
+        "tensorrt_version": trt.__version__,
+        "gpu_name": gpu.name,
+        "compute_capability": gpu.capability,
+        "driver_version": gpu.driver_version,
+        "cuda_driver_version": gpu.cuda_version,
+        "triton_version": triton_version,
+        "bf16_reference_attention": reference,
+        "preflight_s": round(time.perf_counter() - started, 2),
+    }
+
+
+def _capability_text(target) -> str:
+    cc = target.compute_capability
+    return f"{cc[0]}.{cc[1]}" if cc else "any"
+
+
+# --- the build ------------------------------------------------------------------------------------------------
+
+
+def build_engine(onnx_path, plan_path, limits: dict, target, timing_cache, steps) -> dict:
+    """bf16 ONNX -> TensorRT plan at plan_path; returns the manifest's engine facts."""
+    import onnx
+
+    trt, _ = _import_tensorrt_modules()
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    from ettin_plugins import aot, spec, trt_plugin
+
+    onnx_path, plan_path, timing_cache = Path(onnx_path), Path(plan_path), Path(timing_cache)
+    started = time.perf_counter()
+    with steps.step("checking the graph against the plugin's registration (TensorRT parser rules)"):
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        expected = check_parser_rules(proto)
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        del proto
+    with steps.step(f"registering {spec.PLUGIN_ID} (ahead-of-time, PTX for {target.ptx_arch})"):
+        trt_plugin.register(target.ptx_arch)
+        # The same compile (cached) the plugin's aot_impl does for a global layer: its PTX facts go in the manifest.
+        kernel = aot.compile_varlen_attention("bf16", -1, aot.parse_target(target.ptx_arch),
+                                              aot.TACTICS[min(aot.TACTICS)])
+    gpu = _probe_gpu()
+    has_override = hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE")
+    settings = builder_settings(trt.__version__, has_plugin_override_flag=has_override)
+    flags = [trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE] if has_override else None
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):
+        with steps.step("parsing the ONNX graph (each VarlenAttention node becomes the plugin)"):
+            try:
+                network = network_from_onnx_path(str(onnx_path), flags=flags,
+                                                 strongly_typed=settings["strongly_typed_flag"])
+            except PolygraphyException as error:
+                raise BuildError(f"TensorRT {trt.__version__} could not parse {onnx_path.name}: {error} "
+                                 "(the parser's own errors are printed above).") from error
+            counts = count_plugin_layers(network[1], trt)
+            check_plugin_layers(counts, expected, trt.__version__)
+        steps.note(f"{counts['v3']} plugin layers for {expected} VarlenAttention nodes")
+        cache_existed = timing_cache.is_file()
+        profile = Profile()
+        for name, (low, opt, high) in profile_shapes(limits).items():
+            profile.add(name, min=low, opt=opt, max=high)
+        config = CreateConfig(profiles=[profile], load_timing_cache=str(timing_cache), tf32=False)
+        with steps.step("building the engine (TensorRT times every tactic: minutes for the large sizes)"):
+            try:
+                plan = engine_bytes_from_network(network, config=config, save_timing_cache=str(timing_cache))
+            except PolygraphyException as error:
+                raise BuildError(f"TensorRT {trt.__version__} could not build the engine: {error} "
+                                 "(its errors are printed above).") from error
+            plan_path.write_bytes(bytes(plan))
+    steps.note(f"plan {plan_path.stat().st_size / 2**20:.1f} MiB; timing cache "
+               f"{'reused and updated' if cache_existed else 'created'} at {timing_cache}")
+    return engine_facts(
+        tensorrt_version=trt.__version__, gpu=gpu, kernel=kernel, plugin_layers=counts, attention_nodes=expected,
+        limits=limits, settings=settings, opset=opset,
+        timing_cache={"path": str(timing_cache), "reused": cache_existed},
+        build_seconds=time.perf_counter() - started,
+    )
+
+
+def load_runtime(artifact_dir, manifest):
+    from ettin_runtime.tensorrt_backend import TensorRTReranker
+
+    return TensorRTReranker.load(artifact_dir, manifest)

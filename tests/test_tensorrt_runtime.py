@@ -1,0 +1,395 @@
+"""The TensorRT runtime's logic without TensorRT: the manifest against this machine, the profile limits,
+splitting, input order, threads, and EngineSession driven through stand-ins for TensorRT and
+polygraphy's CUDA buffers. The stand-ins compute a known function of the tokens (the mean token id of
+each pair), so every score can be checked. The real engine test at the end skips with the reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ettin_export.random_checkpoint import random_pairs
+from ettin_export.tensorrt_build import engine_profile
+from ettin_runtime import Reranker
+from ettin_runtime import tensorrt_backend as tb
+from ettin_runtime.manifest import ArtifactError, Manifest, hash_files
+from ettin_runtime.packing import PairEncoder, pack
+
+HOPPER = tb.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), "570.124.06", 12080)
+ENGINE = {"format": "tensorrt", "file": "model.plan", "tensorrt_version": "10.9.0.34", "compute_capability": "9.0",
+          "ptx_version": "8.7", "ptx_target": "sm_90a", "gpu_name": "NVIDIA H100 80GB HBM3"}
+
+
+def mean_token_id(input_ids: np.ndarray, cu_seqlens: np.ndarray) -> np.ndarray:
+    """The stand-in engine's "score" of each pair."""
+    return np.array([input_ids[a:b].mean() for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])], dtype=np.float32)
+
+
+# --- the manifest against this machine ---------------------------------------------------------------
+
+
+def test_same_machine_has_no_problems():
+    assert tb.environment_problems(ENGINE, "10.9.0.34", HOPPER) == []
+    tb.check_environment(ENGINE, "10.9.0.34", HOPPER)
+
+
+def test_other_tensorrt_release_is_named_with_the_fix():
+    (problem,) = tb.environment_problems(ENGINE, "10.13.3.9", HOPPER)
+    assert "built with TensorRT 10.9.0.34, this process has TensorRT 10.13.3.9" in problem
+    assert "pip install tensorrt-cu12==10.9.0.34 --extra-index-url https://pypi.nvidia.com" in problem
+
+
+def test_other_gpu_is_named():
+    a100 = tb.GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0), "550.54.15", 12080)
+    (problem,) = tb.environment_problems(ENGINE, "10.9.0.34", a100)
+    assert "built for compute capability 9.0 (NVIDIA H100 80GB HBM3)" in problem
+    assert "this GPU is NVIDIA A100-SXM4-80GB (compute capability 8.0)" in problem and "sm_90a" in problem
+
+
+def test_driver_too_old_for_the_ptx():
+    old = tb.GpuInfo(HOPPER.name, (9, 0), "550.54.15", 12040)
+    (problem,) = tb.environment_problems(ENGINE, "10.9.0.34", old)
+    assert "PTX is ISA 8.7, which needs a driver for CUDA 12.8 or newer" in problem
+    assert "(550.54.15) supports CUDA 12.4" in problem
+    assert tb.environment_problems(ENGINE, "10.9.0.34", old, check_driver=False) == []
+    assert tb.driver_needed_for_ptx("8.7") == 12080 and tb.driver_needed_for_ptx("9.9") is None
+
+
+def test_every_problem_is_reported_at_once():
+    a100_old = tb.GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0), None, 12000)
+    with pytest.raises(tb.EnvironmentMismatch) as error:
+        tb.check_environment(ENGINE, "10.8.0.43", a100_old, where="artifacts/x")
+    message = str(error.value)
+    assert message.startswith("artifacts/x cannot run here:") and message.count("\n  - ") == 3
+    assert isinstance(error.value, ValueError)  # the CLI prints it without a traceback (exit 2)
+    assert "no tensorrt_version" in tb.environment_problems({}, "10.9.0.34", HOPPER)[0]
+
+
+# --- limits and splitting -------------------------------------------------------------------------------
+
+
+def test_limits_come_from_the_profile():
+    assert tb.ProfileLimits.from_manifest(engine_profile(16, 200)) == tb.ProfileLimits(16, 3200)
+    assert tb.ProfileLimits.from_manifest({"max_batch_pairs": 8, "max_batch_tokens": 900}) == tb.ProfileLimits(8, 900)
+    with pytest.raises(ArtifactError, match="no usable engine profile"):
+        tb.ProfileLimits.from_manifest({"profile": {"total_tokens": [1]}})
+
+
+def test_split_keeps_order_and_respects_both_limits():
+    rng = np.random.default_rng(5)
+    token_ids = [rng.integers(0, 700, rng.integers(1, 120)).astype(np.int32) for _ in range(97)]
+    batch = pack(token_ids, order=np.arange(100, 197))
+    limits = tb.ProfileLimits(max_pairs=10, max_tokens=400)
+    pieces = tb.split_to_limits(batch, limits)
+    assert len(pieces) > 1
+    for piece in pieces:
+        assert piece.num_pairs <= 10 and piece.num_tokens <= 400 and piece.cu_seqlens[0] == 0
+        assert piece.cu_seqlens.dtype == np.int32 and piece.max_seqlen == int(np.diff(piece.cu_seqlens).max())
+        assert np.array_equal(piece.position_ids, np.concatenate([np.arange(n) for n in np.diff(piece.cu_seqlens)]))
+    assert np.array_equal(np.concatenate([p.order for p in pieces]), batch.order)
+    assert np.array_equal(np.concatenate([p.input_ids for p in pieces]), batch.input_ids)
+    assert np.array_equal(np.concatenate([mean_token_id(p.input_ids, p.cu_seqlens) for p in pieces]),
+                          mean_token_id(batch.input_ids, batch.cu_seqlens))
+    assert tb.split_to_limits(batch, tb.ProfileLimits(97, 10**6)) == [batch]
+
+
+def test_a_pair_longer_than_the_profile_is_refused():
+    batch = pack([np.arange(50, dtype=np.int32), np.arange(500, dtype=np.int32)])
+    with pytest.raises(ValueError, match="a pair of 500 tokens exceeds the engine's 400-token profile"):
+        tb.split_to_limits(batch, tb.ProfileLimits(8, 400))
+
+
+# --- the reranker over a stand-in session -------------------------------------------------------------------
+
+
+class RecordingSession:
+    def __init__(self):
+        self.shapes = []
+
+    def run(self, input_ids, cu_seqlens):
+        self.shapes.append((len(cu_seqlens) - 1, len(input_ids)))
+        return mean_token_id(input_ids, cu_seqlens)
+
+
+def _manifest(limits: dict, max_length: int = 200) -> Manifest:
+    return Manifest(source={"model": "test"}, model={}, score_activation="identity", max_length=max_length,
+                    target="h100", precision="bf16", engine=dict(ENGINE), limits=limits)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_checkpoint):
+    return PairEncoder.from_dir(tiny_checkpoint, 200)
+
+
+def test_scores_come_back_float32_in_input_order_within_the_profile(encoder):
+    session = RecordingSession()
+    limits = tb.ProfileLimits(8, 1600)
+    reranker = tb.TensorRTReranker(session, encoder, _manifest(engine_profile(8, 200)), limits)
+    assert (reranker.max_batch_pairs, reranker.max_batch_tokens) == (8, 1600)
+    pairs = random_pairs(61, seed=4, document_words=(0, 400))
+    expected = np.array([ids.mean() for ids in encoder.encode(pairs)], dtype=np.float32)
+    for batch_size in (None, 1, 1000):  # a caller's batch_size cannot push past the profile
+        session.shapes.clear()
+        scores = reranker.predict(pairs, batch_size=batch_size)
+        assert scores.dtype == np.float32 and np.array_equal(scores, expected)
+        assert all(p <= 8 and t <= 1600 for p, t in session.shapes)
+    assert reranker.rank(pairs[0][0], [d for _, d in pairs[:5]], top_k=2)[0]["score"] == expected[:5].max()
+
+
+def test_limits_outside_the_profile_are_refused(encoder):
+    manifest = _manifest(engine_profile(8, 200))
+    with pytest.raises(ValueError, match=r"max_batch_pairs=9 is outside the engine's profile \(1..8\)"):
+        tb.TensorRTReranker(RecordingSession(), encoder, manifest, tb.ProfileLimits(8, 1600), max_batch_pairs=9)
+    with pytest.raises(ValueError, match="max_length 200 exceeds the engine's profile of 150 tokens"):
+        tb.TensorRTReranker(RecordingSession(), encoder, manifest, tb.ProfileLimits(8, 150))
+
+
+# --- EngineSession through stand-ins for TensorRT and polygraphy's CUDA ----------------------------------------
+
+
+class FakeDeviceArray:
+    registry: dict[int, FakeDeviceArray] = {}
+
+    def __init__(self, shape, dtype):
+        self.data = np.zeros(shape, dtype=np.dtype(dtype))
+        self.ptr = 0x1000 + len(FakeDeviceArray.registry) * 0x100
+        FakeDeviceArray.registry[self.ptr] = self
+
+    def copy_from(self, host, stream=None):
+        assert host.dtype == self.data.dtype and host.nbytes <= self.data.nbytes
+        self.data.reshape(-1)[: host.size] = host.reshape(-1)
+        return self
+
+    def view(self, shape):
+        return types.SimpleNamespace(copy_to=lambda host, stream=None: host.__setitem__(
+            Ellipsis, self.data.reshape(-1)[: int(np.prod(shape))].reshape(shape)))
+
+    def free(self):
+        pass
+
+
+def fake_cuda():
+    cuda = types.SimpleNamespace(
+        DeviceArray=FakeDeviceArray,
+        Stream=lambda: types.SimpleNamespace(ptr=7, synchronize=lambda: None, free=lambda: None),
+    )
+    return cuda, types.SimpleNamespace(INT32="int32", FLOAT32="float32")
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses, self.busy = engine, {}, {}, False
+
+    def set_input_shape(self, name, shape):
+        low, _, high = self.engine.get_tensor_profile_shape(name, 0)
+        self.shapes[name] = shape
+        return low[0] <= shape[0] <= high[0]
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+
+    def execute_async_v3(self, stream):
+        assert not self.busy, "two callers inside one execution context"
+        self.busy = True
+        time.sleep(0.002)  # widen the window a missing lock would leave open
+        buffers = {n: FakeDeviceArray.registry[p].data for n, p in self.addresses.items()}
+        tokens, pairs = self.shapes["input_ids"][0], self.shapes["cu_seqlens"][0] - 1
+        ids, cu = buffers["input_ids"][:tokens], buffers["cu_seqlens"][: pairs + 1]
+        buffers["scores"].reshape(-1)[:pairs] = mean_token_id(ids, cu)
+        self.busy = False
+        return True
+
+
+def fake_tensorrt(version="10.9.0.34", max_pairs=8, max_tokens=1600, scores_dtype="float32"):
+    trt = types.SimpleNamespace(__version__=version, int32="int32", float32="float32", deserialized=[])
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+    trt.Logger = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
+
+    class ILogger:
+        def __init__(self):
+            pass
+
+    trt.ILogger = ILogger
+    io = {"input_ids": ("input", "int32"), "cu_seqlens": ("input", "int32"), "scores": ("output", scores_dtype)}
+    profile = {"input_ids": [(1,), (256,), (max_tokens,)], "cu_seqlens": [(2,), (max_pairs + 1,), (max_pairs + 1,)]}
+    engine = types.SimpleNamespace(
+        num_io_tensors=3, get_tensor_name=lambda i: list(io)[i], get_tensor_mode=lambda n: io[n][0],
+        get_tensor_dtype=lambda n: io[n][1], get_tensor_profile_shape=lambda n, p: profile[n],
+    )
+    engine.create_execution_context = lambda: FakeContext(engine)
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, plan):
+            trt.deserialized.append(plan)
+            if plan != b"plan":
+                self.logger.log(trt.Logger.ERROR, "Serialization assertion failed: magic tag mismatch")
+                return None
+            return engine
+
+    trt.Runtime = Runtime
+    return trt
+
+
+@pytest.fixture
+def artifact(tmp_path, tiny_checkpoint, monkeypatch):
+    """An artifact folder whose engine is the stand-in, and the stand-ins installed."""
+    root = tmp_path / "artifact"
+    root.mkdir()
+    (root / "model.plan").write_bytes(b"plan")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(tiny_checkpoint) / name).is_file():
+            (root / name).write_bytes((Path(tiny_checkpoint) / name).read_bytes())
+    manifest = _manifest(engine_profile(8, 200))
+    manifest.files = hash_files(root, sorted(p.name for p in root.iterdir()))
+    manifest.write(root)
+    state = {"trt": fake_tensorrt(), "gpu": HOPPER}
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: state["trt"])
+    monkeypatch.setattr(tb, "probe_gpu", lambda device=0: state["gpu"])
+    monkeypatch.setattr(tb, "_import_polygraphy_cuda", fake_cuda)
+    return root, state
+
+
+def test_load_and_predict_through_the_engine_session(artifact, encoder):
+    root, _ = artifact
+    reranker = Reranker.load(root)  # dispatches on the manifest's engine format
+    assert isinstance(reranker, tb.TensorRTReranker) and reranker.limits == tb.ProfileLimits(8, 1600)
+    pairs = random_pairs(37, seed=9, document_words=(0, 300))
+    expected = np.array([ids.mean() for ids in encoder.encode(pairs)], dtype=np.float32)
+    assert np.array_equal(reranker.predict(pairs), expected)
+    assert np.array_equal(reranker.predict(pairs, batch_size=100), expected)
+
+
+def test_concurrent_callers_share_one_session_safely(artifact, encoder):
+    root, _ = artifact
+    reranker = tb.TensorRTReranker.load(root)
+    work = [random_pairs(23, seed=s, document_words=(0, 250)) for s in range(8)]
+    expected = [np.array([ids.mean() for ids in encoder.encode(p)], dtype=np.float32) for p in work]
+    results, errors = [None] * 8, []
+
+    def call(index):
+        try:
+            for _ in range(3):
+                results[index] = reranker.predict(work[index])
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for got, want in zip(results, expected):
+        assert np.array_equal(got, want)
+
+
+def test_mismatches_stop_before_deserializing(artifact):
+    root, state = artifact
+    state["trt"] = fake_tensorrt(version="10.13.3.9")
+    mismatch = "built with TensorRT 10.9.0.34, this process has TensorRT 10.13.3.9"
+    with pytest.raises(tb.EnvironmentMismatch, match=mismatch):
+        tb.TensorRTReranker.load(root)
+    assert state["trt"].deserialized == []
+    state["trt"] = fake_tensorrt()
+    state["gpu"] = tb.GpuInfo("NVIDIA L4", (8, 9), "550.54.15", 12080)
+    with pytest.raises(tb.EnvironmentMismatch, match=r"this GPU is NVIDIA L4 \(compute capability 8.9\)"):
+        tb.TensorRTReranker.load(root)
+    assert state["trt"].deserialized == []
+
+
+def test_engine_problems_are_clear_errors(artifact):
+    root, state = artifact
+    (root / "model.plan").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="damaged"):  # the sha256 in the manifest catches it first
+        tb.TensorRTReranker.load(root)
+    from ettin_runtime.manifest import read_manifest
+
+    manifest = read_manifest(root, verify_files=False)
+    with pytest.raises(ArtifactError, match="could not deserialize .*magic tag mismatch"):
+        tb.TensorRTReranker.load(root, manifest)
+    (root / "model.plan").write_bytes(b"plan")
+    state["trt"] = fake_tensorrt(max_pairs=4)
+    with pytest.raises(ArtifactError, match="manifest.json says the profile is .* the engine says"):
+        tb.TensorRTReranker.load(root, manifest)
+    state["trt"] = fake_tensorrt(scores_dtype="float16")
+    with pytest.raises(ArtifactError, match="not an ettin-export reranker engine: scores is output float16"):
+        tb.TensorRTReranker.load(root, manifest)
+
+
+def test_an_onnx_artifact_is_not_taken_for_an_engine(artifact):
+    root, _ = artifact
+    from ettin_runtime.manifest import read_manifest
+
+    manifest = read_manifest(root)
+    manifest.engine["format"] = "onnx"
+    with pytest.raises(ArtifactError, match="holds a onnx graph, not a TensorRT engine"):
+        tb.TensorRTReranker.load(root, manifest)
+
+
+# --- without TensorRT, and without torch -----------------------------------------------------------------------
+
+
+def test_missing_tensorrt_says_how_to_install_it():
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except (ImportError, OSError):
+        pass
+    with pytest.raises(ImportError, match=r"pip install tensorrt-cu12 --extra-index-url https://pypi.nvidia.com"):
+        tb.import_tensorrt()
+
+
+def test_the_backend_never_imports_torch():
+    code = ("import sys, numpy as np; from ettin_runtime import tensorrt_backend as tb; "
+            "from ettin_runtime.packing import pack; "
+            "tb.split_to_limits(pack([np.arange(5, dtype=np.int32)] * 3), tb.ProfileLimits(2, 100)); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_probe_without_a_driver_is_a_clear_error():
+    try:
+        gpu = tb.probe_gpu()
+    except tb.GpuUnavailable as error:
+        assert "NVIDIA" in str(error) or "CUDA" in str(error)
+        return
+    assert gpu.name and gpu.compute_capability[0] >= 1  # a machine with a GPU: real facts
+
+
+# --- needs TensorRT and the GPU ---------------------------------------------------------------------------------
+
+
+def test_real_engine_matches_the_bf16_pytorch_model(tmp_path, tiny_checkpoint):
+    from ettin_export.targets import get_target
+    from ettin_export.tensorrt_build import TensorRTUnavailable, preflight
+
+    try:
+        preflight(get_target("h100"))
+    except TensorRTUnavailable as error:
+        pytest.skip(f"needs TensorRT and an H100/H200: {str(error).splitlines()[0]}")
+    import torch
+
+    from ettin_export.build import BuildOptions, run_build
+    from ettin_export.checkpoint import load_checkpoint
+    from ettin_export.torch_runtime import TorchReranker
+
+    out = tmp_path / "tiny-h100"
+    options = BuildOptions(out=out, target=get_target("h100"), max_length=200, max_batch_pairs=16,
+                           parity_queries=2, check_crossencoder=False, quiet=True)
+    assert run_build(lambda: load_checkpoint(str(tiny_checkpoint), max_length=200), options) == 0
+    pairs = random_pairs(40, seed=2, document_words=(0, 300))
+    engine = tb.TensorRTReranker.load(out).predict(pairs)
+    reference = TorchReranker.from_checkpoint(str(tiny_checkpoint), dtype=torch.bfloat16, device="cuda").predict(pairs)
+    assert np.max(np.abs(engine - reference)) < 0.5

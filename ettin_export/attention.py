@@ -93,16 +93,16 @@ def _cuda_varlen_attention(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
             softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=False, window_size=(window, window),
         )
-    torch_varlen = _torch_varlen_attn()
-    if torch_varlen is not None:
+    torch_varlen, takes_window = _torch_varlen_attn()
+    if torch_varlen is not None and (window < 0 or takes_window):
         kwargs = {"scale": 1.0 / math.sqrt(q.shape[-1])}
         if window >= 0:
             kwargs["window_size"] = (window, window)
         return torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
     warnings.warn(
-        "Neither flash-attn nor torch.nn.attention.varlen (with window support) is available: "
-        "ettin::varlen_attention falls back to the slow reference on CUDA. "
-        "Install flash-attn or PyTorch >= 2.10 for the fast path.",
+        "No flash kernel with a sliding window is available (flash-attn is not installed and this PyTorch's "
+        "torch.nn.attention.varlen has no window_size): local layers of ettin::varlen_attention use the slow "
+        "reference on CUDA. Install flash-attn or a PyTorch whose varlen_attn takes window_size.",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -118,22 +118,23 @@ def _flash_attn_varlen():
 
 
 def _torch_varlen_attn():
-    """PyTorch's own varlen flash attention, if this build has one that takes a window."""
+    """PyTorch's own varlen flash attention, and whether this build's takes a window."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None
-    if "window_size" not in inspect.signature(varlen_attn).parameters:
-        return None
-    return varlen_attn
+        return None, False
+    return varlen_attn, "window_size" in inspect.signature(varlen_attn).parameters
 
 
-def cuda_attention_implementation() -> str:
+def cuda_attention_implementation(window: int = 64) -> str:
     """Which library serves the op on CUDA for bf16/fp16 under the automatic backend."""
     if _flash_attn_varlen() is not None:
         return "flash-attn varlen"
-    if _torch_varlen_attn() is not None:
+    torch_varlen, takes_window = _torch_varlen_attn()
+    if torch_varlen is not None and (window < 0 or takes_window):
         return "torch.nn.attention.varlen"
+    if torch_varlen is not None:
+        return "torch.nn.attention.varlen (global layers); reference (local layers: no window_size)"
     return "reference (no flash kernel available)"
 
 

@@ -346,10 +346,9 @@ def build_tensorrt(
         del model
         write_tokenizer_files(checkpoint, staging)
         if options.onnx_only:
-            manifest = make_manifest(
-                checkpoint, options, staging, engine=onnx_engine_facts(exported.path, exported.external_data),
-                limits=limits,
-            )
+            engine = {**onnx_engine_facts(exported.path, exported.external_data),
+                      "complete": False, "finish_command": finish_command(options)}
+            manifest = make_manifest(checkpoint, options, staging, engine=engine, limits=limits)
             manifest.write(staging)
             return staging, None
         timing_cache = options.out.parent / f"{options.out.name}.timing.cache"

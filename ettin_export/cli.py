@@ -84,6 +84,7 @@ PLUGGED_COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     handlers = {"sizes": _cmd_sizes, "score": _cmd_score, "build": _cmd_build}
     handler = handlers.get(args.command) or importlib.import_module(PLUGGED_COMMANDS[args.command][0]).run
     try:
@@ -223,7 +224,7 @@ def _cmd_build(args) -> int:
         return open_source(args.model, size=args.size, random_weights=args.random_weights,
                            revision=args.revision, max_length=max_length)
 
-    options.command_line = ["ettin-export", *sys.argv[1:]] if sys.argv and "ettin" in sys.argv[0] else options.command_line
+    options.command_line = ["ettin-export", *args.argv]
     try:
         return run_build(load, options)
     except BuildError as error:  # includes "TensorRT missing" / "wrong GPU" from the preflight

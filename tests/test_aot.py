@@ -245,7 +245,8 @@ def test_adapter_signatures_follow_the_qdp_schema(fake_tensorrt):
 
 
 @requires_triton
-def test_adapter_maps_the_launch_formulas(fake_tensorrt):
+def test_adapter_maps_the_launch_formulas(fake_tensorrt, monkeypatch):
+    monkeypatch.setenv("ETTIN_PLUGIN_TACTICS", "all")
     trt_plugin.register("sm_90a")
     autotune = fake_tensorrt.recorded["autotune"][1]
     aot_impl = fake_tensorrt.recorded["aot_impl"][1]
@@ -253,7 +254,13 @@ def test_adapter_maps_the_launch_formulas(fake_tensorrt):
     cu_seqlens = _FakeTensorDesc((5,), "INT32")
     [(io_types, layouts, tactics)] = autotune(q, q, q, cu_seqlens, (q.like(),))
     assert io_types.replace(" ", "") == "BF16|FP16,BF16|FP16,BF16|FP16,INT32,BF16|FP16" and layouts == "LINEAR"
-    assert tactics == tuple(aot.TACTICS)
+    assert tuple(tactics) == tuple(aot.TACTICS)
+    monkeypatch.delenv("ETTIN_PLUGIN_TACTICS")
+    [(_, _, default_tactics)] = autotune(q, q, q, cu_seqlens, (q.like(),))
+    assert list(default_tactics) == [min(aot.TACTICS)]  # one tactic unless asked: older TensorRT rejects several
+    monkeypatch.setenv("ETTIN_PLUGIN_TACTICS", "1,9")
+    with pytest.raises(ValueError, match=r"unknown tactics \[9\]"):
+        autotune(q, q, q, cu_seqlens, (q.like(),))
     for tactic in (0, *aot.TACTICS):
         name, ptx, launch, extra = aot_impl(q, q, q, cu_seqlens, 64, (q.like(),), tactic)
         config = aot.TACTICS.get(tactic, aot.TACTICS[1])

@@ -371,6 +371,12 @@ def test_onnx_only_writes_the_bf16_graph_and_the_finish_command(tmp_path, tiny_c
     assert finish, proc.stderr
     assert finish[-1] == (f"ettin-export build {tiny_checkpoint} --target h100 --out {out} --skip-crossencoder-check "
                           "--parity-queries 2 --max-batch-size 16 --max-length 200 --force")
+    assert manifest.engine["complete"] is False and manifest.engine["finish_command"] == finish[-1]
+    from ettin_runtime import Reranker
+    from ettin_runtime.manifest import ArtifactError
+
+    with pytest.raises(ArtifactError, match="holds only the bf16 ONNX of a h100 build .* Finish it on a machine"):
+        Reranker.load(out)
 
 
 # --- needs TensorRT and the GPU: skipped with the reason otherwise ------------------------------------------------

@@ -22,6 +22,24 @@ _INSTALL_HINT = (
 _state = {"registered": False, "target": None}
 
 
+def offered_tactics() -> list:
+    """The kernel configurations offered to TensorRT's timer. One by default: NVIDIA's sample runner
+    refused AOT with several tactics before 2026, so older TensorRT may reject a list. Set
+    ETTIN_PLUGIN_TACTICS=all (or e.g. "1,2") to let TensorRT time several where it supports that."""
+    import os
+
+    choice = os.environ.get("ETTIN_PLUGIN_TACTICS", "").strip()
+    if choice == "all":
+        return list(aot.TACTICS)
+    if choice:
+        chosen = [int(t) for t in choice.split(",")]
+        unknown = [t for t in chosen if t not in aot.TACTICS]
+        if unknown:
+            raise ValueError(f"ETTIN_PLUGIN_TACTICS names unknown tactics {unknown}; known: {sorted(aot.TACTICS)}.")
+        return chosen
+    return [min(aot.TACTICS)]
+
+
 def _import_tensorrt():
     try:
         import tensorrt as trt
@@ -118,8 +136,8 @@ def register(target: Union[str, int, None] = None) -> str:
         q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, cu_seqlens: trtp.TensorDesc,
         outputs: Tuple[trtp.TensorDesc],
     ) -> List[trtp.AutoTuneCombination]:
-        # "|" ties q, k, v and out to one type; cu_seqlens is always int32. TensorRT times each tactic.
-        return [trtp.AutoTuneCombination("BF16|FP16, BF16|FP16, BF16|FP16, INT32, BF16|FP16", "LINEAR", list(aot.TACTICS))]
+        # "|" ties q, k, v and out to one type; cu_seqlens is always int32. TensorRT times each tactic offered.
+        return [trtp.AutoTuneCombination("BF16|FP16, BF16|FP16, BF16|FP16, INT32, BF16|FP16", "LINEAR", offered_tactics())]
 
     @trtp.aot_impl(spec.PLUGIN_ID)
     def varlen_attention_aot_impl(

@@ -66,6 +66,12 @@ class OnnxRuntimeReranker(Reranker):
         manifest = manifest or read_manifest(root)
         if manifest.engine.get("format") != "onnx":
             raise ArtifactError(f"{root} holds a {manifest.engine.get('format')} engine, not ONNX.")
+        if manifest.engine.get("complete") is False:
+            raise ArtifactError(
+                f"{root} holds only the {manifest.precision} ONNX of a {manifest.target} build (--onnx-only); "
+                "it has no engine yet. Finish it on a machine with TensorRT and the target GPU: "
+                f"{manifest.engine.get('finish_command') or 'ettin-export build ... --target ' + manifest.target}"
+            )
         providers = choose_providers(device)
         if manifest.precision not in _RUNNABLE_PRECISIONS[providers[0]]:
             raise ArtifactError(

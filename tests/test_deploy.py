@@ -1,0 +1,667 @@
+"""`ettin-export deploy triton`: the generated repository, statically (schema, graph and profile checks,
+the TensorRT configuration against a bf16 ONNX export) and against a real Triton server on 127.0.0.1
+(python backend, from scripts/triton_server.py): scores over HTTP and gRPC equal the local ONNX Runtime
+runtime's, concurrent load is batched across requests with nothing lost, bad requests get 400s.
+
+The server tests skip with the reason when the server env cannot be built; ETTIN_REQUIRE_TRITON=1 (CI)
+turns that skip into a failure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ettin_export.cli import main as cli
+from ettin_export.deploy.checks import DeployError, check_engine_config, signature_from_onnx
+from ettin_export.deploy.repository import DeployOptions, deploy_triton
+from ettin_export.deploy.schema import ConfigError, parse_config
+from ettin_runtime.manifest import Manifest, hash_files, read_manifest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "triton_server.py"
+MAX_LENGTH = 128
+ENGINE_BATCH = 64  # > the 40 documents of one load-test request: bigger batches prove cross-request batching
+MAX_DOCUMENTS = 100
+QUEUE_DELAY_US = 1000
+NAME = "ettin_reranker"
+TOLERANCE = 1e-4
+
+
+def _harness():
+    if "triton_server" in sys.modules:
+        return sys.modules["triton_server"]
+    spec = importlib.util.spec_from_file_location("triton_server", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _harness()
+
+
+# --------------------------------------------------------------------------------------------------
+# Artifacts and repositories
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deploy-artifact") / "cpu"
+    status = cli(["build", str(tiny_checkpoint), "--target", "cpu", "--out", str(out), "--max-length", str(MAX_LENGTH),
+                  "--max-batch-size", str(ENGINE_BATCH), "--skip-crossencoder-check", "--parity-queries", "2",
+                  "--quiet"])
+    assert status == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def local(artifact):
+    from ettin_runtime import Reranker
+
+    return Reranker.load(artifact)
+
+
+@pytest.fixture(scope="module")
+def repository(artifact, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("deploy-repo") / "models"
+    status = cli(["deploy", "triton", str(artifact), "--repo", str(repo), "--allow-random-weights",
+                  "--max-documents", str(MAX_DOCUMENTS), "--queue-delay-us", str(QUEUE_DELAY_US)])
+    assert status == 0
+    return repo
+
+
+@pytest.fixture(scope="module")
+def tensorrt_artifact(tiny_checkpoint, artifact, tmp_path_factory):
+    """What a TensorRT build leaves (see the manifest schema), around a real bf16 ONNX export of the tiny
+    model; the plan is a placeholder, since no TensorRT runs here."""
+    import torch
+
+    from ettin_export.checkpoint import open_source
+    from ettin_export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("deploy-trt") / "h100"
+    model = open_source(str(tiny_checkpoint), max_length=MAX_LENGTH).build_model(torch.bfloat16)
+    export_onnx(model, out / "model.onnx", "bf16")
+    (out / "model.plan").write_bytes(b"placeholder: not a TensorRT plan (static configuration test)\n")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(artifact / name, out / name)
+    write_tensorrt_manifest(out, read_manifest(artifact), total_tokens=[1, 2048, 64 * MAX_LENGTH],
+                            num_pairs_plus_1=[2, 17, 65])
+    return out
+
+
+def write_tensorrt_manifest(directory: Path, cpu: Manifest, *, total_tokens, num_pairs_plus_1, **engine) -> Manifest:
+    manifest = Manifest(
+        source=cpu.source, model=cpu.model, score_activation=cpu.score_activation, max_length=MAX_LENGTH,
+        target="h100", precision="bf16",
+        engine={"format": "tensorrt", "file": "model.plan", "onnx_file": "model.onnx", "external_data": None,
+                "opset": 20, "tensorrt_version": "10.13.0", "compute_capability": "9.0", "ptx_version": "8.7",
+                **engine},
+        limits={"max_batch_pairs": 64, "max_batch_tokens": total_tokens[2],
+                "profile": {"total_tokens": list(total_tokens), "num_pairs_plus_1": list(num_pairs_plus_1)}},
+    )
+    names = ["model.plan", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
+    manifest.files = hash_files(directory, [n for n in names if (directory / n).is_file()])
+    manifest.write(directory)
+    return manifest
+
+
+def read_config(repo: Path, model: str):
+    return parse_config((repo / model / "config.pbtxt").read_text(), f"{model}/config.pbtxt")
+
+
+# --------------------------------------------------------------------------------------------------
+# Static: the generated repository
+# --------------------------------------------------------------------------------------------------
+
+
+def test_random_weights_are_refused_unless_allowed(artifact, tmp_path, capsys):
+    status = cli(["deploy", "triton", str(artifact), "--repo", str(tmp_path / "repo")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "RANDOM weights" in err and "--allow-random-weights" in err
+    assert not (tmp_path / "repo").exists()
+
+
+def test_the_repository_is_self_contained(artifact, repository):
+    import ettin_runtime.packing
+
+    files = sorted(str(p.relative_to(repository)) for p in repository.rglob("*") if p.is_file())
+    assert files == [
+        "ettin-deploy.json",
+        f"{NAME}/1/ettin_packing.py", f"{NAME}/1/model.py",
+        f"{NAME}/1/tokenizer/tokenizer.json", f"{NAME}/1/tokenizer/tokenizer_config.json",
+        f"{NAME}/config.pbtxt",
+        f"{NAME}_ort/1/model.onnx", f"{NAME}_ort/1/model.py", f"{NAME}_ort/config.pbtxt",
+    ]
+    assert not [p for p in repository.rglob("*") if p.is_symlink()]
+    assert (repository / NAME / "1" / "ettin_packing.py").read_text() == Path(ettin_runtime.packing.__file__).read_text()
+    assert (repository / f"{NAME}_ort/1/model.onnx").read_bytes() == (artifact / "model.onnx").read_bytes()
+    marker = json.loads((repository / "ettin-deploy.json").read_text())
+    assert marker["engine_model"] == f"{NAME}_ort" and marker["max_batch_size"] == ENGINE_BATCH
+    assert marker["server_args"] == [f"--backend-config=python,thread-pool-size={ENGINE_BATCH}"]
+    assert marker["python_requirements"] == ["tokenizers>=0.20,<1", "onnxruntime>=1.17"]
+    assert marker["files"][f"{NAME}_ort/1/model.onnx"] == read_manifest(artifact).files["model.onnx"]
+
+
+def test_cpu_configs_parse_and_fit_the_onnx_graph(artifact, repository):
+    engine = read_config(repository, f"{NAME}_ort")
+    assert engine.backend == "python" and engine.max_batch_size == ENGINE_BATCH
+    (ids,) = engine.input
+    assert (ids.name, ids.data_type, list(ids.dims), ids.allow_ragged_batch) == ("input_ids", 8, [-1], True)
+    assert not engine.batch_input  # the python backend gets none: its model.py builds cu_seqlens
+    assert [(o.name, list(o.dims)) for o in engine.output] == [("scores", [1])]
+    assert engine.dynamic_batching.max_queue_delay_microseconds == QUEUE_DELAY_US
+    check_engine_config(engine, signature_from_onnx(artifact / "model.onnx"), manifest=read_manifest(artifact),
+                        builds_offsets=True)
+
+    reranker = read_config(repository, NAME)
+    assert reranker.backend == "python" and reranker.max_batch_size > 0
+    assert [(i.name, list(i.dims), i.optional) for i in reranker.input] == [
+        ("query", [1], False), ("documents", [-1], False), ("top_n", [1], True)]
+    assert [(o.name, o.data_type, list(o.dims)) for o in reranker.output] == [
+        ("scores", 11, [-1]), ("top_indices", 8, [-1])]
+    parameters = {k: v.string_value for k, v in reranker.parameters.items()}
+    assert parameters["engine_model"] == f"{NAME}_ort" and parameters["max_length"] == str(MAX_LENGTH)
+
+
+def test_onnxruntime_backend_variant_uses_batch_inputs(artifact, tmp_path):
+    result = deploy_triton(artifact, DeployOptions(tmp_path / "repo", name="rr", instances=3, cpu_backend="onnxruntime",
+                                                   allow_random_weights=True))
+    assert result.engine_model == "rr_onnx"
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["ettin-deploy.json", "rr", "rr_onnx"]
+    assert sorted(p.name for p in (tmp_path / "repo" / "rr_onnx" / "1").iterdir()) == ["model.onnx"]
+    config = read_config(tmp_path / "repo", "rr_onnx")
+    assert config.backend == "onnxruntime" and config.default_model_filename == "model.onnx"
+    (batch_input,) = config.batch_input
+    assert (list(batch_input.target_name), list(batch_input.source_input)) == (["cu_seqlens"], ["input_ids"])
+    assert batch_input.kind == 2 and batch_input.data_type == 8  # ACCUMULATED_ELEMENT_COUNT_WITH_ZERO, INT32
+    assert config.instance_group[0].count == 3 and config.instance_group[0].kind == 2  # KIND_CPU
+    check_engine_config(config, signature_from_onnx(artifact / "model.onnx"), manifest=read_manifest(artifact),
+                        builds_offsets=False)
+
+
+def test_an_existing_repository_is_replaced_only_with_force(artifact, tmp_path):
+    repo = tmp_path / "repo"
+    options = DeployOptions(repo, allow_random_weights=True)
+    deploy_triton(artifact, options)
+    with pytest.raises(DeployError, match="--force"):
+        deploy_triton(artifact, options)
+    deploy_triton(artifact, DeployOptions(repo, allow_random_weights=True, force=True, name="other"))
+    assert sorted(p.name for p in repo.iterdir()) == ["ettin-deploy.json", "other", "other_ort"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("not ours")
+    with pytest.raises(DeployError, match="did not write"):
+        deploy_triton(artifact, DeployOptions(foreign, allow_random_weights=True, force=True))
+    assert (foreign / "keep.txt").read_text() == "not ours"
+    assert not list(tmp_path.glob(".*deploying*"))
+
+
+def test_engine_batch_size_is_refused_beyond_the_token_budget(artifact, tmp_path):
+    # max_batch_tokens 16384 / max_length 128 = 128 pairs, but the artifact's max_batch_pairs is 64
+    with pytest.raises(DeployError, match="max_batch_pairs is 64"):
+        deploy_triton(artifact, DeployOptions(tmp_path / "r", max_batch_size=65, allow_random_weights=True))
+    assert deploy_triton(artifact, DeployOptions(tmp_path / "r", max_batch_size=8,
+                                                 allow_random_weights=True)).max_batch_size == 8
+
+
+# --------------------------------------------------------------------------------------------------
+# Static: TensorRT
+# --------------------------------------------------------------------------------------------------
+
+
+def test_tensorrt_config_fits_the_bf16_onnx_and_the_profile(tensorrt_artifact, tmp_path):
+    graph = signature_from_onnx(tensorrt_artifact / "model.onnx")
+    assert graph.inputs["input_ids"].dtype == "int32" and graph.outputs["scores"].dtype == "float32"
+    result = deploy_triton(tensorrt_artifact, DeployOptions(tmp_path / "repo", instances=2, allow_random_weights=True))
+    repo = tmp_path / "repo"
+    assert result.engine_model == f"{NAME}_trt" and result.max_batch_size == 64
+    assert sorted(str(p.relative_to(repo)) for p in (repo / f"{NAME}_trt").rglob("*") if p.is_file()) == [
+        f"{NAME}_trt/1/model.sm90.plan", f"{NAME}_trt/config.pbtxt"]
+    config = read_config(repo, f"{NAME}_trt")
+    assert config.platform == "tensorrt_plan"
+    assert dict(config.cc_model_filenames) == {"9.0": "model.sm90.plan"}
+    (ids,) = config.input
+    assert (ids.name, ids.data_type, list(ids.dims), ids.allow_ragged_batch) == ("input_ids", 8, [-1], True)
+    (batch_input,) = config.batch_input
+    assert batch_input.kind == 2 and list(batch_input.target_name) == ["cu_seqlens"]
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("scores", 11, [1])]
+    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    assert config.instance_group[0].kind == 1 and config.instance_group[0].count == 2  # KIND_GPU
+    manifest = read_manifest(tensorrt_artifact)
+    profile = manifest.limits["profile"]
+    assert profile["total_tokens"][2] >= config.max_batch_size * manifest.max_length
+    assert profile["num_pairs_plus_1"][2] >= config.max_batch_size + 1
+    check_engine_config(config, graph, manifest=manifest, builds_offsets=False)
+    reranker = read_config(repo, NAME)
+    assert reranker.parameters["engine_model"].string_value == f"{NAME}_trt"
+
+
+@pytest.mark.parametrize("profile, requested, message", [
+    ({"total_tokens": [1, 1024, 4096], "num_pairs_plus_1": [2, 17, 65]}, 64,
+     "total_tokens max 4096 holds 32 pairs of max_length 128"),
+    ({"total_tokens": [1, 2048, 8192], "num_pairs_plus_1": [2, 9, 17]}, 32, "num_pairs_plus_1 max 17 holds 16 pairs"),
+    ({"total_tokens": [1, 64, 100], "num_pairs_plus_1": [2, 2, 65]}, None, "cannot hold even one full-length pair"),
+    ({"total_tokens": [64, 1024, 8192], "num_pairs_plus_1": [2, 17, 65]}, None, "above a single shortest pair"),
+    ({"total_tokens": [1, 2048], "num_pairs_plus_1": [2, 17, 65]}, None, "expected \\[min, opt, max\\]"),
+])
+def test_tensorrt_profile_violations_are_refused(tensorrt_artifact, tmp_path, profile, requested, message):
+    artifact = tmp_path / "artifact"
+    shutil.copytree(tensorrt_artifact, artifact)
+    write_tensorrt_manifest(artifact, read_manifest(artifact), total_tokens=[1, 1, 1], num_pairs_plus_1=[2, 2, 2])
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest["limits"]["profile"] = profile
+    manifest["limits"]["max_batch_tokens"] = profile["total_tokens"][-1]
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DeployError, match=message):
+        deploy_triton(artifact, DeployOptions(tmp_path / "repo", max_batch_size=requested, allow_random_weights=True))
+    assert not (tmp_path / "repo").exists()
+
+
+def test_tensorrt_derived_batch_size_fits_a_smaller_profile(tensorrt_artifact, tmp_path):
+    artifact = tmp_path / "artifact"
+    shutil.copytree(tensorrt_artifact, artifact)
+    write_tensorrt_manifest(artifact, read_manifest(artifact), total_tokens=[1, 1024, 4096 + 100],
+                            num_pairs_plus_1=[2, 17, 65])
+    result = deploy_triton(artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True))
+    assert result.max_batch_size == 32  # 4196 // 128
+
+
+def test_tensorrt_artifact_without_its_onnx_is_checked_against_the_manifest(tensorrt_artifact, tmp_path):
+    """A finished TensorRT build keeps the plan, not the ONNX: the manifest's graph record stands in."""
+    artifact = tmp_path / "artifact"
+    shutil.copytree(tensorrt_artifact, artifact)
+    (artifact / "model.onnx").unlink()
+    write_tensorrt_manifest(artifact, read_manifest(tensorrt_artifact), total_tokens=[1, 2048, 8192],
+                            num_pairs_plus_1=[2, 65, 65], onnx_file=None)
+    result = deploy_triton(artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True))
+    assert result.engine_model == f"{NAME}_trt" and result.max_batch_size == 64
+    assert result.tensorrt_version == "10.13.0" and result.python_requirements == ["tokenizers>=0.20,<1"]
+
+
+def test_an_unfinished_onnx_only_artifact_is_refused_with_its_finish_command(artifact, tmp_path):
+    unfinished = tmp_path / "artifact"
+    shutil.copytree(artifact, unfinished)
+    manifest = read_manifest(unfinished)
+    manifest.engine.update(complete=False, finish_command="ettin-export build CKPT --target h100 --force")
+    manifest.write(unfinished)
+    with pytest.raises(DeployError, match="unfinished.*--target h100 --force"):
+        deploy_triton(unfinished, DeployOptions(tmp_path / "repo", allow_random_weights=True))
+
+
+def test_tensorrt_artifact_without_compute_capability_is_refused(tensorrt_artifact, tmp_path):
+    artifact = tmp_path / "artifact"
+    shutil.copytree(tensorrt_artifact, artifact)
+    write_tensorrt_manifest(artifact, read_manifest(artifact), total_tokens=[1, 2048, 8192],
+                            num_pairs_plus_1=[2, 17, 65], compute_capability=None)
+    with pytest.raises(DeployError, match="compute_capability"):
+        deploy_triton(artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True))
+
+
+def _mutated(text: str, old: str, new: str):
+    assert old in text
+    return parse_config(text.replace(old, new, 1), "mutated")
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("data_type: TYPE_INT32\n  dims: -1", "data_type: TYPE_INT64\n  dims: -1", "TYPE_INT64 but the graph's is int32"),
+    ("allow_ragged_batch: true", "allow_ragged_batch: false", "allow_ragged_batch: true"),
+    ("kind: BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO", "kind: BATCH_ACCUMULATED_ELEMENT_COUNT", "cu_seqlens is"),
+    ('target_name: "cu_seqlens"', 'target_name: "offsets"', "'offsets' is not a graph input"),
+    ('source_input: "input_ids"', 'source_input: "ids"', "source_input ['ids'] is not among the inputs"),
+    ("dims: 1\n}", "dims: 2\n}", "output scores: dims [2]"),
+    ("max_batch_size: 64", "max_batch_size: 65", "more than the engine holds"),
+    ("data_type: TYPE_FP32", "data_type: TYPE_BF16", "TYPE_BF16 but the graph's is float32"),
+])
+def test_engine_cross_check_catches_config_mistakes(tensorrt_artifact, tmp_path, old, new, message):
+    deploy_triton(tensorrt_artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True))
+    text = (tmp_path / "repo" / f"{NAME}_trt" / "config.pbtxt").read_text()
+    config = _mutated(text, old, new)
+    graph = signature_from_onnx(tensorrt_artifact / "model.onnx")
+    with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace("]", "\\]")):
+        check_engine_config(config, graph, manifest=read_manifest(tensorrt_artifact), builds_offsets=False)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("max_batch_size", "max_batch_sise", 'no field named "max_batch_sise"'),
+    ("TYPE_INT32", "TYPE_BFLOAT16", 'no value named TYPE_BFLOAT16'),
+])
+def test_schema_rejects_typos(repository, old, new, message):
+    with pytest.raises(ConfigError, match=message):
+        _mutated((repository / f"{NAME}_ort" / "config.pbtxt").read_text(), old, new)
+
+
+def test_the_command_module_imports_nothing_heavy():
+    import subprocess
+
+    heavy = ("torch", "onnx", "google.protobuf", "tritonclient", "onnxruntime")
+    code = ("import sys, ettin_export.deploy as d, argparse; d.add_arguments(argparse.ArgumentParser()); "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------------
+# A real server
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server_env():
+    pytest.importorskip("tritonclient.http", reason="the clients need: pip install 'tritonclient[http,grpc]'")
+    pytest.importorskip("tritonclient.grpc", reason="the clients need: pip install 'tritonclient[http,grpc]'")
+    try:
+        return harness.ensure_env()
+    except harness.EnvSetupError as exc:
+        if os.environ.get("ETTIN_REQUIRE_TRITON"):
+            pytest.fail(f"ETTIN_REQUIRE_TRITON is set but the Triton server env cannot be built: {exc}")
+        pytest.skip(f"Triton server env cannot be built here (run `python scripts/triton_server.py setup` "
+                    f"to see why): {exc}")
+
+
+@pytest.fixture(scope="module")
+def server(server_env, repository, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("deploy-logs")
+    # The flags the repository asks for (the python backend's BLS threads per instance), as a user would.
+    server_args = json.loads((repository / "ettin-deploy.json").read_text())["server_args"]
+    handle = harness.start_server(repository, server_env, log_path=logs / "server.log", die_with_parent=True,
+                                  extra_args=server_args)
+    try:
+        yield handle
+    finally:
+        report = handle.stop()
+        assert report["exited"], f"the server did not exit: {report}\n{handle.log_tail()}"
+        assert not report["stubs_killed"], report
+        assert not list(Path("/dev/shm").glob(handle.shm_prefix + "*")), report
+
+
+@pytest.fixture(params=["http", "grpc"])
+def remote(request, server):
+    from ettin_runtime.triton_client import TritonReranker
+
+    url = server.http_address if request.param == "http" else server.grpc_url
+    with TritonReranker(url, NAME, protocol=request.param, batch_size=16) as reranker:
+        yield reranker
+
+
+def make_texts(rng, count: int, low: int = 1, high: int = 60) -> list[str]:
+    from ettin_export.random_checkpoint import random_sentence
+
+    words = random.Random(int(rng.integers(2**31)))
+    return [random_sentence(words, int(rng.integers(low, high))) for _ in range(count)]
+
+
+def test_scores_equal_the_local_runtime_in_document_order(remote, local):
+    rng = np.random.default_rng(1)
+    queries = make_texts(rng, 4, 2, 12)
+    documents = make_texts(rng, 45) + ["", "x" * 3000, "a b c " * 200]  # empty, and truncated ones
+    # Interleaved queries, a repeated pair, more documents per query than batch_size: order must survive.
+    pairs = [(queries[i % 4], doc) for i, doc in enumerate(documents)] + [(queries[0], documents[0])]
+    expected = local.predict(pairs)
+    got = remote.predict(pairs)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+    assert expected.std() > 1.0  # the bound means something only if scores spread
+    np.testing.assert_allclose(remote.predict(pairs[:5], activation="sigmoid"),
+                               local.predict(pairs[:5], activation="sigmoid"), atol=TOLERANCE)
+    assert remote.predict([]).shape == (0,)
+
+
+def test_top_n_agrees_with_rank(remote, local):
+    rng = np.random.default_rng(2)
+    query, documents = make_texts(rng, 1)[0], make_texts(rng, 30)
+    expected = local.rank(query, documents, top_k=7, return_documents=True)
+    ranked = remote.rank(query, documents, top_k=7, return_documents=True)
+    assert [r["corpus_id"] for r in ranked] == [r["corpus_id"] for r in expected]
+    assert [r["text"] for r in ranked] == [r["text"] for r in expected]
+    np.testing.assert_allclose([r["score"] for r in ranked], [r["score"] for r in expected], atol=TOLERANCE)
+    served = remote.rerank(query, documents, top_n=7)
+    assert served.top_indices.dtype == np.int32 and served.top_indices.tolist() == [r["corpus_id"] for r in expected]
+    assert remote.rerank(query, documents).top_indices.shape == (30,)  # no top_n: every document
+    assert remote.rerank(query, documents[:3], top_n=10).top_indices.shape == (3,)
+
+
+def test_client_input_errors_match_the_local_runtime(remote, local):
+    from ettin_runtime.packing import PairInputError
+
+    with pytest.raises(TypeError, match="list of pairs"):
+        remote.predict(("query", "document"))
+    with pytest.raises(PairInputError, match="Pair 1"):
+        remote.predict([("q", "d"), ("q", 3)])
+    with pytest.raises(TypeError):
+        remote.rank("q", "not a list")
+    assert remote.rank("q", []) == local.rank("q", []) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad requests, straight through tritonclient
+# --------------------------------------------------------------------------------------------------
+
+
+def _raw_infer(server, protocol: str, model: str, inputs: dict[str, tuple[np.ndarray, str]]):
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+
+        client = module.InferenceServerClient(server.grpc_url, channel_args=harness.GRPC_LOOPBACK_CHANNEL_ARGS)
+    else:
+        import tritonclient.http as module
+
+        client = module.InferenceServerClient(server.http_address)
+    try:
+        tensors = []
+        for name, (array, datatype) in inputs.items():
+            tensor = module.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        return client.infer(model, tensors)
+    finally:
+        client.close()
+
+
+def _strings(*texts, raw: bool = False) -> np.ndarray:
+    return np.array([t if raw else t.encode("utf-8") for t in texts], dtype=np.object_).reshape(1, -1)
+
+
+BAD_REQUESTS = {
+    "no query": ({"documents": (_strings("a doc"), "BYTES")}, "query"),
+    "no documents": ({"query": (_strings("q"), "BYTES")}, "documents"),
+    "empty documents": ({"query": (_strings("q"), "BYTES"),
+                         "documents": (np.empty((1, 0), dtype=np.object_), "BYTES")}, "'documents' is empty"),
+    "query is not a string": ({"query": (np.array([[7]], np.int32), "INT32"),
+                               "documents": (_strings("a"), "BYTES")}, "query"),
+    "documents are not strings": ({"query": (_strings("q"), "BYTES"),
+                                   "documents": (np.ones((1, 2), np.float32), "FP32")}, "documents"),
+    "top_n is not an integer": ({"query": (_strings("q"), "BYTES"), "documents": (_strings("a"), "BYTES"),
+                                 "top_n": (np.ones((1, 1), np.float32), "FP32")}, "top_n"),
+    "top_n below 1": ({"query": (_strings("q"), "BYTES"), "documents": (_strings("a"), "BYTES"),
+                       "top_n": (np.zeros((1, 1), np.int32), "INT32")}, "top_n must be at least 1"),
+    "two queries": ({"query": (_strings("q", "r"), "BYTES"), "documents": (_strings("a"), "BYTES")}, "query"),
+    "not UTF-8": ({"query": (_strings("q"), "BYTES"), "documents": (_strings(b"ok", b"\xff\xfe", raw=True), "BYTES")},
+                  "documents\\[1\\] is not valid UTF-8"),
+    "too many documents": ({"query": (_strings("q"), "BYTES"),
+                            "documents": (_strings(*["d"] * (MAX_DOCUMENTS + 1)), "BYTES")}, "at most 100"),
+}
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_requests_get_400s_and_the_server_answers_afterwards(server, local, protocol):
+    from tritonclient.utils import InferenceServerException
+
+    expected_status = "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"
+    for case, (inputs, message) in BAD_REQUESTS.items():
+        with pytest.raises(InferenceServerException) as failure:
+            _raw_infer(server, protocol, NAME, inputs)
+        assert failure.value.status() == expected_status, (case, failure.value)
+        assert re.search(message, failure.value.message()), (case, failure.value.message())
+
+    huge = "relevant passage about cats " * 3600  # 100,800 characters: truncated to max_length, never refused
+    assert len(huge) >= 100_000
+    documents = ["cats", huge, "dogs"]
+    result = _raw_infer(server, protocol, NAME, {"query": (_strings("cats"), "BYTES"),
+                                                 "documents": (_strings(*documents), "BYTES"),
+                                                 "top_n": (np.array([[2]], np.int32), "INT32")})
+    expected = local.predict([("cats", d) for d in documents])
+    np.testing.assert_allclose(result.as_numpy("scores")[0], expected, atol=TOLERANCE)
+    assert result.as_numpy("top_indices").tolist() == [np.argsort(-expected, kind="stable")[:2].tolist()]
+    assert server.is_ready() and {m["state"] for m in server.models()} == {"READY"}
+
+
+def test_client_reports_server_errors_with_their_status(server):
+    from ettin_runtime.triton_client import TritonReranker, TritonRerankerError
+
+    with TritonReranker(server.http_address, NAME) as reranker:
+        with pytest.raises(TritonRerankerError, match="'documents' is empty") as failure:
+            reranker.rerank("q", [])
+        assert failure.value.status == "400"
+    with pytest.raises(TritonRerankerError, match="not a reranker"):
+        TritonReranker(server.http_address, f"{NAME}_ort").close()
+
+
+@pytest.mark.parametrize("ids, message", [
+    (np.array([[1, 2], [3, 4]], np.int32), "one pair per request"),
+    (np.array([[1, 10**6]], np.int32), "token ids must be in"),
+    (np.ones((1, MAX_LENGTH + 1), np.int32), "expected 1 to max_length"),
+])
+def test_the_engine_model_refuses_what_it_cannot_run(server, ids, message):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match=message) as failure:
+        _raw_infer(server, "http", f"{NAME}_ort", {"input_ids": (ids, "INT32")})
+    assert failure.value.status() == "400"
+
+
+def test_single_pair_requests_share_engine_executions(server):
+    """16 one-document requests at once: fewer engine executions than requests means that some execution
+    held pairs of different requests (and of different reranker executions or instances)."""
+    import tritonclient.grpc as grpc
+
+    client = grpc.InferenceServerClient(server.grpc_url, channel_args=harness.GRPC_LOOPBACK_CHANNEL_ARGS)
+    done, results = threading.Semaphore(0), []
+    before = _model_stats(server, f"{NAME}_ort")
+    try:
+        for number in range(16):
+            inputs = []
+            for name, texts in (("query", [f"query {number}"]), ("documents", [f"document {number}"])):
+                tensor = grpc.InferInput(name, [1, 1], "BYTES")
+                tensor.set_data_from_numpy(_strings(*texts))
+                inputs.append(tensor)
+            client.async_infer(NAME, inputs, callback=lambda result, error: (results.append(error), done.release()))
+        for _ in range(16):
+            assert done.acquire(timeout=60)
+    finally:
+        client.close()
+    assert results == [None] * 16
+    engine = _delta(_model_stats(server, f"{NAME}_ort"), before)
+    assert engine["inferences"] == 16 and engine["executions"] < 16, engine
+
+
+# --------------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------------
+
+CLIENTS, REQUESTS_PER_CLIENT, MAX_DOCS_PER_REQUEST, TOP_N = 8, 50, 40, 5
+
+
+def _model_stats(server, model: str) -> dict:
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.http_address)
+    try:
+        (stats,) = client.get_inference_statistics(model)["model_stats"]
+    finally:
+        client.close()
+    return {
+        "inferences": int(stats["inference_count"]), "executions": int(stats["execution_count"]),
+        "success": int(stats["inference_stats"]["success"]["count"]),
+        "batches": {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["batch_stats"]},
+        "compute_seconds": sum(int(b["compute_infer"]["ns"]) for b in stats["batch_stats"]) / 1e9,  # per execution
+    }
+
+
+def _delta(after: dict, before: dict) -> dict:
+    batches = {size: count - before["batches"].get(size, 0) for size, count in after["batches"].items()}
+    return {**{k: after[k] - before[k] for k in ("inferences", "executions", "success")},
+            "compute_seconds": round(after["compute_seconds"] - before["compute_seconds"], 2),
+            "batches": {size: count for size, count in sorted(batches.items()) if count}}
+
+
+def test_concurrent_load_is_batched_across_requests_and_nothing_is_lost(server, local):
+    from ettin_runtime.triton_client import TritonReranker
+
+    rng = np.random.default_rng(3)
+    workload = {}  # (client, request) -> (query, documents)
+    for client in range(CLIENTS):
+        for number in range(REQUESTS_PER_CLIENT):
+            count = int(rng.integers(1, MAX_DOCS_PER_REQUEST + 1))
+            # A request-unique tag in every document: a score delivered to the wrong request cannot pass.
+            documents = [f"{text} r{client}x{number}d{i}" for i, text in enumerate(make_texts(rng, count, 1, 16))]
+            workload[client, number] = (make_texts(rng, 1, 2, 10)[0], documents)
+    total_pairs = sum(len(docs) for _, docs in workload.values())
+    engine_before, reranker_before = _model_stats(server, f"{NAME}_ort"), _model_stats(server, NAME)
+    answers: dict = {}
+    failures: list = []
+    lock = threading.Lock()
+
+    def run_client(client: int) -> None:
+        protocol = "grpc" if client % 2 else "http"
+        url = server.grpc_url if protocol == "grpc" else server.http_address
+        try:
+            with TritonReranker(url, NAME, protocol=protocol) as reranker:
+                for number in range(REQUESTS_PER_CLIENT):
+                    query, documents = workload[client, number]
+                    result = reranker.rerank(query, documents, top_n=TOP_N)
+                    with lock:
+                        assert (client, number) not in answers
+                        answers[client, number] = result
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append((client, repr(exc)))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=run_client, args=(c,)) for c in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    seconds = time.perf_counter() - started
+    assert not failures, failures
+    assert not any(t.is_alive() for t in threads)
+    engine = _delta(_model_stats(server, f"{NAME}_ort"), engine_before)
+    reranker = _delta(_model_stats(server, NAME), reranker_before)
+
+    assert sorted(answers) == sorted(workload)  # every request answered once
+    pairs = [(query, doc) for query, documents in workload.values() for doc in documents]
+    expected_all = local.predict(pairs)
+    offset = 0
+    for key, (query, documents) in workload.items():
+        expected = expected_all[offset:offset + len(documents)]
+        offset += len(documents)
+        got = answers[key]
+        assert got.scores.shape == (len(documents),), key
+        np.testing.assert_allclose(got.scores, expected, rtol=0, atol=TOLERANCE, err_msg=str(key))
+        top = np.argsort(-expected, kind="stable")[:TOP_N]
+        # The same ranking, unless two scores are closer than the tolerance (then either order is right).
+        assert all(a == b or abs(expected[a] - expected[b]) <= 2 * TOLERANCE
+                   for a, b in zip(got.top_indices.tolist(), top.tolist())), key
+
+    report = {"requests": len(workload), "pairs": total_pairs, "seconds": round(seconds, 2),
+              "pairs_per_second": round(total_pairs / seconds), "engine": engine, "reranker": reranker}
+    print("load:", json.dumps(report))
+    assert engine["inferences"] == engine["success"] == total_pairs  # every pair executed exactly once
+    assert reranker["inferences"] == reranker["success"] == len(workload)
+    # Pairs of different requests shared executions: were every execution one request's pairs, there would
+    # be at least one execution per request, and none larger than the largest request (40 pairs).
+    assert engine["executions"] < len(workload) or max(engine["batches"]) > MAX_DOCS_PER_REQUEST, report
+    assert reranker["executions"] < reranker["inferences"], report  # requests shared a reranker execute()

@@ -10,13 +10,31 @@ from .base import Reranker, apply_activation
 from .packing import PackedBatch, PairEncoder, PairInputError, pack, packed_batches, plan_batches
 
 __all__ = [
+    "OnnxRuntimeReranker",
     "PackedBatch",
     "PairEncoder",
     "PairInputError",
     "Reranker",
+    "TensorRTReranker",
+    "TritonReranker",
     "apply_activation",
     "pack",
     "packed_batches",
     "plan_batches",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "OnnxRuntimeReranker": "onnxruntime_backend",
+    "TensorRTReranker": "tensorrt_backend",
+    "TritonReranker": "triton_client",
+}
+
+
+def __getattr__(name):
+    """Backends import their own runtime (onnxruntime, tensorrt, tritonclient) only when asked for."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -189,3 +189,26 @@ def test_build_refuses_unknown_size_and_target(capsys, tmp_path):
     assert "Unknown Ettin size '5m'" in capsys.readouterr().err
     assert main(["build", "--size", "17m", "--random-weights", "--target", "tpu", "--out", str(tmp_path / "y")]) == 2
     assert "Unknown target 'tpu'. Known targets: cpu, h100" in capsys.readouterr().err
+
+
+def test_runtime_path_imports_no_torch_or_transformers(tiny_artifact):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from ettin_runtime import Reranker; r = Reranker.load(sys.argv[1]); "
+        "s = r.predict([('a query', 'a document')]); assert s.shape == (1,); "
+        "bad = [m for m in ('torch', 'transformers', 'sentence_transformers', 'ettin_export') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny_artifact)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_runtime_only_install_does_not_require_torch():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    runtime = project["dependencies"] + project["optional-dependencies"]["ort"]
+    assert not [d for d in runtime if d.split("[")[0].split(">")[0].split("=")[0].strip() in ("torch", "transformers")]

@@ -1,0 +1,145 @@
+"""`ettin-export bench`: the length profiles hit their stated token statistics, the JSON report has its
+schema, and the CI speed gate: on a tiny config the ONNX artifact is not slower than CrossEncoder in
+the same run (median of 5 interleaved runs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ettin_export import lengths
+from ettin_export.random_checkpoint import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(0)
+
+
+@pytest.mark.parametrize("name", list(lengths.PROFILES))
+def test_profile_distribution_matches_its_documented_statistics(name):
+    profile = lengths.PROFILES[name]
+    query, document = profile.token_lengths(20_000, seed=1)
+    assert query.min() >= profile.query.low and query.max() <= profile.query.high
+    assert document.min() >= profile.document.low and document.max() <= profile.document.high
+    assert abs(query.mean() - profile.query_mean) < 0.03 * profile.query_mean
+    assert abs(document.mean() - profile.document_mean) < 0.03 * profile.document_mean
+    truncated = float(np.mean(query + document + 3 > profile.max_length))
+    assert abs(truncated - profile.truncated_share) < 0.01
+
+
+@pytest.mark.parametrize("name", list(lengths.PROFILES))
+def test_generated_text_has_exactly_the_sampled_token_counts(name, tokenizer):
+    profile = lengths.PROFILES[name]
+    pairs = lengths.make_pairs(profile, tokenizer, 150, seed=3)
+    query, document = profile.token_lengths(150, seed=3)
+    counted = [(len(tokenizer.encode(q, add_special_tokens=False).ids),
+                len(tokenizer.encode(d, add_special_tokens=False).ids)) for q, d in pairs]
+    assert counted == list(zip(query.tolist(), document.tolist()))
+    stats = lengths.length_statistics(pairs, tokenizer, profile.max_length)
+    assert stats["template_tokens"] == 3
+    assert stats["pair_tokens"]["max"] <= profile.max_length
+    assert stats["query_tokens"]["mean"] == pytest.approx(query.mean())
+
+
+def test_nq_like_profile_is_the_published_benchmark_shape():
+    profile = lengths.get_profile("nq-like")
+    assert profile.max_length == 512
+    assert 11.5 <= profile.query_mean <= 12.5 and 100 <= profile.document_mean <= 110
+
+
+def test_pairs_file_and_refusals(tmp_path, tokenizer):
+    good = tmp_path / "pairs.jsonl"
+    good.write_text('{"query": "a", "document": "b c"}\n\n{"query": "d", "document": "e"}\n')
+    pairs, description = lengths.load_pairs(str(good), tokenizer, 0)
+    assert pairs == [("a", "b c"), ("d", "e")] and "file" in description
+    assert lengths.load_pairs(str(good), tokenizer, 1)[0] == [("a", "b c")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "a"}\n')
+    with pytest.raises(lengths.LengthsError, match=r"bad.jsonl:1"):
+        lengths.load_pairs(str(bad), tokenizer, 0)
+    with pytest.raises(lengths.LengthsError, match="nq-like, short, long"):
+        lengths.load_pairs("nq-ish", tokenizer, 10)
+
+
+def test_bench_module_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = "import sys, ettin_export.bench; print(any(m in sys.modules for m in ('torch', 'onnx', 'onnxruntime')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_model_flops_match_sizes_flops_per_token():
+    from ettin_export import bench, sizes
+
+    spec = sizes.get_size("17m")
+    model = {"hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
+             "windows": [-1 if i in spec.global_layers() else 64 for i in range(spec.layers)]}
+    for length in (50, 300):
+        assert bench.model_flops(model, np.array([length])) == pytest.approx(length * spec.flops_per_token(length))
+
+
+def test_gpu_peak_lookup():
+    from ettin_export.bench import gpu_peak
+
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "bf16", None) == 989.4
+    assert gpu_peak("NVIDIA H100 PCIe", "fp32", None) == 51.2
+    assert gpu_peak("NVIDIA H200", "bf16", None) == 989.4
+    assert gpu_peak("Some Card", "bf16", None) is None and gpu_peak(None, "fp32", 12.0) == 12.0
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    """A tiny random checkpoint (4 layers, hidden 64) built to an fp32 ONNX artifact."""
+    from ettin_export.build import BuildOptions, run_build
+    from ettin_export.checkpoint import load_checkpoint
+    from ettin_export.random_checkpoint import write_random_checkpoint
+    from ettin_export.targets import get_target
+
+    root = tmp_path_factory.mktemp("bench")
+    checkpoint = write_random_checkpoint(root / "ckpt", None, seed=7)
+    options = BuildOptions(out=root / "artifact", target=get_target("cpu"), max_length=512, quiet=True,
+                           check_crossencoder=False, parity_queries=2)
+    assert run_build(lambda: load_checkpoint(str(checkpoint), max_length=512), options) == 0
+    return root / "artifact", checkpoint
+
+
+def test_bench_json_schema_and_onnx_not_slower_than_crossencoder(tiny_artifact, tmp_path, capsys):
+    """The CI speed gate: median of 5 interleaved runs, same pairs, same process."""
+    from ettin_export.cli import main
+
+    artifact, checkpoint = tiny_artifact
+    out = tmp_path / "bench.json"
+    args = ["bench", str(artifact), "--reference", str(checkpoint), "--pairs", "96", "--runs", "5",
+            "--json", "--out", str(out), "--fail-below", "1.0", "--quiet"]
+    status = main(args)
+    report = json.loads(capsys.readouterr().out)
+    assert report == json.loads(out.read_text())
+    assert report["schema"] == "ettin-export.bench/1"
+    assert set(report) >= {"command", "machine", "model", "lengths", "candidate", "baseline", "runs", "flops",
+                           "results", "scores_max_abs_diff", "retried_runs", "loaded_runs_kept"}
+    assert set(report["machine"]) >= {"cpu", "cores", "threads", "loaded", "other_processes_cores"}
+    assert report["lengths"]["profile"] == "nq-like" and report["lengths"]["pairs"] == 96
+    assert report["scores_max_abs_diff"] < 1e-4
+    for mode in ("tokenization_inside", "tokenization_outside"):
+        entry = report["results"][mode]
+        for system in ("candidate", "baseline"):
+            assert len(entry[system]["seconds"]) == 5
+            median = entry[system]["median_s"]  # rounded to the microsecond
+            assert entry[system]["pairs_per_s"] == pytest.approx(96 / median, rel=1e-3)
+            assert entry[system]["tokens_per_s"] == pytest.approx(report["lengths"]["total_tokens"] / median, rel=1e-3)
+        assert entry["ratio"] == pytest.approx(entry["baseline"]["median_s"] / entry["candidate"]["median_s"], rel=1e-3)
+    ratio = report["results"]["tokenization_inside"]["ratio"]
+    assert status == 0, f"ONNX Runtime is slower than CrossEncoder: {ratio:.2f}x"
+    assert ratio >= 1.0
+
+
+def test_bench_refuses_fewer_than_five_runs(tiny_artifact, capsys):
+    from ettin_export.cli import main
+
+    artifact, checkpoint = tiny_artifact
+    assert main(["bench", str(artifact), "--reference", str(checkpoint), "--runs", "3"]) == 2
+    assert "at least 5" in capsys.readouterr().err

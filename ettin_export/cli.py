@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--onnx-only", action="store_true", help="h100: write the bf16 ONNX and stop (no TensorRT here)")
     build.add_argument("--skip-crossencoder-check", action="store_true",
                        help="do not compare the packed model with sentence-transformers before exporting")
-    build.add_argument("--parity-queries", type=int, default=10, help="queries in the built-in parity set")
+    build.add_argument("--parity-queries", type=int,
+                       help="queries (30-100 documents each) in the built-in parity set (default 10; 2 for models "
+                            "above hidden size 512 on the CPU target)")
     build.add_argument("--quiet", action="store_true", help="no progress output")
 
     for name, (module_name, help_text) in PLUGGED_COMMANDS.items():

@@ -38,8 +38,12 @@ SCHEMA = "ettin-export.bench/1"
 DEFAULT_RUNS = 5
 DEFAULT_PAIRS = 256
 DEFAULT_MAX_LENGTH = 512
-# CrossEncoder.predict's own default; see the README's results for how it compares with others here.
-DEFAULT_BASELINE_BATCH_SIZE = 32
+# CrossEncoder.predict batch_size: the best measured on a 2-core AMD EPYC (fp32, nq-like and long): 4
+# and 8 were within noise at 17m, 4 was ~6% ahead at 150m; 16 was ~15-25% and 32 ~40-65% slower
+# (padded batches stay short, GEMMs stay in cache). The CrossEncoder default is 32. `auto` searches
+# BASELINE_BATCH_SEARCH on the pairs, as the published benchmark searched its batch size.
+DEFAULT_BASELINE_BATCH_SIZE = 4
+BASELINE_BATCH_SEARCH = (4, 8, 16, 32, 64)
 # Another process using more than this many cores on average while we measured makes the figures suspect.
 LOADED_CORES = 0.25
 # Dense peaks (TFLOP/s) per precision, from the vendors' datasheets; --peak-tflops overrides.
@@ -80,18 +84,29 @@ def add_arguments(parser) -> None:
     parser.add_argument("--candidate-batch-tokens", type=int,
                         help="token budget per forward pass of the candidate, packed with no padding "
                         "(default: its runtime's own)")
-    parser.add_argument("--baseline-batch-size", type=int, default=DEFAULT_BASELINE_BATCH_SIZE,
-                        help="CrossEncoder.predict batch_size")
+    parser.add_argument("--baseline-batch-size", type=_batch_size, default=DEFAULT_BASELINE_BATCH_SIZE,
+                        help=f"CrossEncoder.predict batch_size, or `auto`: the fastest of {BASELINE_BATCH_SEARCH} "
+                        f"on these pairs (default {DEFAULT_BASELINE_BATCH_SIZE}, measured best on a 2-core CPU)")
     parser.add_argument("--threads", type=int, help="intra-op threads for both systems (default: all cores)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (torch candidate and baseline)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="torch candidate and baseline precision")
+    parser.add_argument("--device", help="cpu or cuda, for the baseline and a torch candidate (default: cuda for "
+                        "a GPU artifact, else cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="baseline and torch candidate precision (default: bfloat16 on cuda, else float32)")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak for the FLOP/s fraction")
     parser.add_argument("--fail-below", type=float, metavar="RATIO",
                         help="exit 1 when candidate/baseline pairs/s (tokenization inside) is below RATIO")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", help="also write the JSON result to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"batch size must be positive, got {value}")
+    return value
 
 
 @dataclass
@@ -161,7 +176,7 @@ class CrossEncoderContender(Contender):
     """sentence-transformers' CrossEncoder, raw scores (Identity), as its predict runs: pairs sorted by
     character length, padded batches of `batch_size`."""
 
-    def __init__(self, path: str, max_length: int, batch_size: int, device: str, dtype: str):
+    def __init__(self, path: str, max_length: int, batch_size: int | str, device: str, dtype: str):
         import sentence_transformers
         import torch
         from sentence_transformers import CrossEncoder
@@ -171,7 +186,8 @@ class CrossEncoderContender(Contender):
         model_kwargs = {} if dtype == "float32" else {"dtype": getattr(torch, dtype)}
         self.model = CrossEncoder(path, device=device, activation_fn=torch.nn.Identity(), max_length=max_length,
                                   model_kwargs=model_kwargs)
-        self.batch_size = int(batch_size)
+        self.batch_size = DEFAULT_BASELINE_BATCH_SIZE if batch_size == "auto" else int(batch_size)
+        self.search = batch_size == "auto"
         transformer = self.model[0]
         attention = getattr(getattr(transformer, "auto_model", None), "config", None)
         self.description = {
@@ -181,8 +197,20 @@ class CrossEncoderContender(Contender):
             "attention": getattr(attention, "_attn_implementation", None),
         }
 
-    def predict(self, pairs) -> np.ndarray:
-        return self.model.predict(pairs, batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True)
+    def predict(self, pairs, batch_size: int | None = None) -> np.ndarray:
+        return self.model.predict(pairs, batch_size=batch_size or self.batch_size, show_progress_bar=False,
+                                  convert_to_numpy=True)
+
+    def choose_batch_size(self, pairs, log) -> None:
+        """`auto`: one timed pass per candidate batch size (after the warm-up), keep the fastest."""
+        seconds = {}
+        for size in BASELINE_BATCH_SEARCH:
+            start = time.perf_counter()
+            self.predict(pairs, size)
+            seconds[size] = time.perf_counter() - start
+            log(f"baseline batch size {size}: {seconds[size]:.3f} s")
+        self.batch_size = min(seconds, key=seconds.get)
+        self.description.update(batch_size=self.batch_size, batch_size_search={str(k): round(v, 4) for k, v in seconds.items()})
 
     def prepare(self, pairs):
         length = getattr(self.model, "_input_length", lambda pair: len(pair[0]) + len(pair[1]))
@@ -313,6 +341,8 @@ def open_setup(args) -> Setup:
         from ettin_runtime.manifest import read_manifest
 
         manifest = read_manifest(args.model)
+        args.device = args.device or ("cpu" if manifest.engine.get("format") == "onnx" else "cuda")
+        args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
         max_length = args.max_length or manifest.max_length
         kwargs = {"max_length": max_length}
         if threads and manifest.engine.get("format") == "onnx":
@@ -334,6 +364,8 @@ def open_setup(args) -> Setup:
         if args.reference:
             raise UsageError("--reference is for artifacts; for a checkpoint the baseline is that checkpoint.")
         max_length = args.max_length or DEFAULT_MAX_LENGTH
+        args.device = args.device or "cpu"
+        args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
         checkpoint = open_source(args.model, size=args.size, random_weights=args.random_weights, max_length=max_length)
         dtype = getattr(torch, args.dtype)
         reranker = TorchReranker.from_checkpoint(checkpoint, dtype=dtype, device=args.device, max_length=max_length)
@@ -374,6 +406,8 @@ def measure(setup: Setup, pairs, runs: int, modes: list[str], log, max_retries: 
     systems = [s for s in (setup.candidate, setup.baseline) if s is not None]
     log("warm-up: one untimed pass each")
     scores = {s.name: s.predict(pairs) for s in systems}
+    if getattr(setup.baseline, "search", False):
+        setup.baseline.choose_batch_size(pairs, log)
     results, retried, loaded_rounds = {}, 0, 0
     for mode in modes:
         prepared = {s.name: s.prepare(pairs) for s in systems} if mode == "outside" else {}
@@ -453,7 +487,7 @@ def run(args) -> int:
     scores = measured["scores"]
     report = {
         "schema": SCHEMA,
-        "command": "ettin-export bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "command": command_line(args),
         "machine": {
             "device": device_name, "cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu,
             "threads": args.threads or os.cpu_count(), "platform": platform.platform(),
@@ -484,6 +518,24 @@ def run(args) -> int:
         print(f"bench: FAILED: candidate/baseline = {ratio:.3f} < {args.fail_below}", file=sys.stderr)
         return 1
     return 0
+
+
+def command_line(args) -> str:
+    """The command that reproduces this run: the options that differ from their defaults."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    words = ["ettin-export", "bench"] + ([args.model] if args.model else [])
+    for action in parser._actions:
+        name = action.dest
+        if not action.option_strings or name in ("help", "json", "out", "quiet") or name not in vars(args):
+            continue
+        value = getattr(args, name)
+        if value != defaults.get(name):
+            words += [action.option_strings[0]] if value is True else [action.option_strings[0], str(value)]
+    return " ".join(words)
 
 
 def format_report(report: dict) -> str:

@@ -114,7 +114,7 @@ def test_bench_json_schema_and_onnx_not_slower_than_crossencoder(tiny_artifact, 
     artifact, checkpoint = tiny_artifact
     out = tmp_path / "bench.json"
     args = ["bench", str(artifact), "--reference", str(checkpoint), "--pairs", "96", "--runs", "5",
-            "--json", "--out", str(out), "--fail-below", "1.0", "--quiet"]
+            "--json", "--out", str(out), "--fail-below", "1.0", "--max-retries", "3", "--quiet"]
     status = main(args)
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads(out.read_text())

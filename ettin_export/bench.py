@@ -210,7 +210,8 @@ class CrossEncoderContender(Contender):
             seconds[size] = time.perf_counter() - start
             log(f"baseline batch size {size}: {seconds[size]:.3f} s")
         self.batch_size = min(seconds, key=seconds.get)
-        self.description.update(batch_size=self.batch_size, batch_size_search={str(k): round(v, 4) for k, v in seconds.items()})
+        self.description.update(batch_size=self.batch_size,
+                                batch_size_search={str(k): round(v, 4) for k, v in seconds.items()})
 
     def prepare(self, pairs):
         length = getattr(self.model, "_input_length", lambda pair: len(pair[0]) + len(pair[1]))
@@ -349,7 +350,8 @@ def open_setup(args) -> Setup:
             kwargs["intra_op_threads"] = threads
         reranker = Reranker.load(args.model, **kwargs)
         candidate = RerankerContender(reranker, {
-            "kind": f"{manifest.engine.get('format')} artifact ({type(reranker).__name__})", "artifact": str(args.model),
+            "kind": f"{manifest.engine.get('format')} artifact ({type(reranker).__name__})",
+            "artifact": str(args.model),
             "precision": manifest.precision, "target": manifest.target,
             "onnxruntime_version": manifest.engine.get("onnxruntime_version"),
         }, args.candidate_batch_size, args.candidate_batch_tokens)
@@ -509,10 +511,11 @@ def run(args) -> int:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
     print(text if args.json else format_report(report))
     if report["machine"]["loaded"]:
-        print(f"bench: WARNING: {report['loaded_runs_kept']} of the {args.runs * len(modes)} timed rounds ran while other "
-              f"processes used more than {LOADED_CORES} cores (after {report['retried_runs']} runs measured again; "
-              f"on average {report['machine']['other_processes_cores']} cores over the whole bench); the figures "
-              "are suspect: re-run on a quiet machine.", file=sys.stderr)
+        kept, retried = report["loaded_runs_kept"], report["retried_runs"]
+        print(f"bench: WARNING: {kept} of the {args.runs * len(modes)} timed rounds ran while other processes used "
+              f"more than {LOADED_CORES} cores ({retried} rounds were measured again; on average "
+              f"{report['machine']['other_processes_cores']} cores over the whole bench); the figures are suspect: "
+              "re-run on a quiet machine.", file=sys.stderr)
     ratio = results.get("tokenization_inside", {}).get("ratio")
     if args.fail_below is not None and ratio is not None and ratio < args.fail_below:
         print(f"bench: FAILED: candidate/baseline = {ratio:.3f} < {args.fail_below}", file=sys.stderr)

@@ -69,7 +69,8 @@ def test_bench_module_imports_nothing_heavy():
     import sys
 
     code = "import sys, ettin_export.bench; print(any(m in sys.modules for m in ('torch', 'onnx', 'onnxruntime')))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_model_flops_match_sizes_flops_per_token():
@@ -143,3 +144,18 @@ def test_bench_refuses_fewer_than_five_runs(tiny_artifact, capsys):
     artifact, checkpoint = tiny_artifact
     assert main(["bench", str(artifact), "--reference", str(checkpoint), "--runs", "3"]) == 2
     assert "at least 5" in capsys.readouterr().err
+
+
+def test_bench_warns_when_other_processes_load_the_machine(tiny_artifact, monkeypatch, capsys):
+    from ettin_export import bench
+    from ettin_export.cli import main
+
+    monkeypatch.setattr(bench, "LOADED_CORES", -1.0)  # every round counts as loaded
+    artifact, checkpoint = tiny_artifact
+    args = ["bench", str(artifact), "--reference", str(checkpoint), "--pairs", "16", "--runs", "5",
+            "--timing", "inside", "--max-retries", "1", "--json", "--quiet"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["retried_runs"] == 1 and report["loaded_runs_kept"] == 5 and report["machine"]["loaded"]
+    assert "WARNING: 5 of the 5 timed rounds ran while other processes" in captured.err

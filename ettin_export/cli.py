@@ -147,27 +147,13 @@ def _cmd_sizes(args) -> int:
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """JSON lines with "query" and "document" strings; blank lines are skipped."""
-    pairs = []
+    """JSON lines with "query" and "document" strings ("-": standard input); an empty file is no pairs."""
+    from .pairs import PairsFileError, read_pairs_jsonl
+
     try:
-        handle = sys.stdin if str(path) == "-" else open(path, encoding="utf-8")
-    except OSError as error:
-        raise UsageError(f"cannot read pairs file {path}: {error.strerror}") from error
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UsageError(f"{path}:{number}: not valid JSON ({error.msg}).") from error
-            if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("query", "document")):
-                raise UsageError(
-                    f'{path}:{number}: expected {{"query": "...", "document": "..."}} with string values, '
-                    f"got {line.strip()[:80]}"
-                )
-            pairs.append((record["query"], record["document"]))
-    return pairs
+        return read_pairs_jsonl(path, allow_empty=True)
+    except PairsFileError as error:
+        raise UsageError(str(error)) from error
 
 
 def open_reranker(args, runtime: str = "auto"):

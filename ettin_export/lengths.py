@@ -32,14 +32,13 @@ A user file is JSON lines of {"query": ..., "document": ...}, used as is (`read_
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .random_checkpoint import WORDS
+from .pairs import WORDS, PairsFileError, read_pairs_jsonl
 
 DEFAULT_MAX_LENGTH = 512
 
@@ -174,25 +173,11 @@ def make_pairs(profile: LengthProfile, tokenizer, count: int, seed: int = 0) -> 
 
 
 def read_pairs_file(path: str | Path) -> list[tuple[str, str]]:
-    """JSON lines with "query" and "document" strings; blank lines skipped."""
-    pairs = []
+    """JSON lines with "query" and "document" strings (`pairs.read_pairs_jsonl`)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise LengthsError(f"cannot read pairs file {path}: {error.strerror}") from error
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise LengthsError(f"{path}:{number}: not valid JSON ({error.msg}).") from error
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("query", "document")):
-            raise LengthsError(f'{path}:{number}: expected {{"query": "...", "document": "..."}} with string values.')
-        pairs.append((record["query"], record["document"]))
-    if not pairs:
-        raise LengthsError(f"{path} holds no pairs.")
-    return pairs
+        return read_pairs_jsonl(path)
+    except PairsFileError as error:
+        raise LengthsError(str(error)) from error
 
 
 def load_pairs(lengths: str, tokenizer, count: int, seed: int = 0) -> tuple[list[tuple[str, str]], str]:

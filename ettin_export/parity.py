@@ -6,7 +6,6 @@ agreement, top-10 overlap) mean something beside the score differences.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .random_checkpoint import random_sentence
+from .pairs import random_sentence, read_pairs_jsonl
 from .targets import Target
 
 Group = tuple[str, list[str]]  # (query, candidate documents)
@@ -43,20 +42,8 @@ def builtin_parity_set(seed: int = 0, queries: int = 10) -> list[Group]:
 def read_parity_file(path: str | Path) -> list[Group]:
     """JSON lines {"query", "document"}; documents are grouped by their query, in file order."""
     groups: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                query, document = record["query"], record["document"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f'{path}:{number}: expected {{"query": ..., "document": ...}} ({error}).') from error
-            if not isinstance(query, str) or not isinstance(document, str):
-                raise ValueError(f"{path}:{number}: query and document must be strings.")
-            groups.setdefault(query, []).append(document)
-    if not groups:
-        raise ValueError(f"{path} holds no pairs.")
+    for query, document in read_pairs_jsonl(path):
+        groups.setdefault(query, []).append(document)
     return list(groups.items())
 
 

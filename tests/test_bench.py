@@ -159,3 +159,22 @@ def test_bench_warns_when_other_processes_load_the_machine(tiny_artifact, monkey
     report = json.loads(captured.out)
     assert report["retried_runs"] == 1 and report["loaded_runs_kept"] == 5 and report["machine"]["loaded"]
     assert "WARNING: 5 of the 5 timed rounds ran while other processes" in captured.err
+
+
+def test_cpu_profile_script_accounts_for_the_graphs_operators(tiny_artifact):
+    """scripts/profile_cpu.py: the operator table covers the linear layers and the attention body and
+    its shares add up to the whole kernel time."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_cpu.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(tiny_artifact[0]), "--pairs", "24", "--runs", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = dict(re.findall(r"^(\w+)\s+([\d.]+)%", result.stdout, flags=re.M))
+    assert {"Gemm", "MatMul", "Softmax", "LayerNormalization"} <= set(rows), result.stdout
+    assert abs(sum(float(v) for v in rows.values()) - 100.0) < 1.0

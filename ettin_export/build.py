@@ -190,6 +190,18 @@ def check_against_crossencoder(checkpoint, model, pairs, options: BuildOptions, 
     steps.note(f"max |Δ| vs CrossEncoder: {diff:.2e}")
 
 
+def checked_reference_model(checkpoint: Checkpoint, options: BuildOptions, steps: Steps):
+    """The fp32 packed model every exported path is compared with, the built-in parity set, and the
+    model's check against CrossEncoder -> (model, groups, pairs, spans)."""
+    with steps.step("building the packed PyTorch model (fp32 reference)"):
+        model = checkpoint.build_model(torch.float32)
+        queries = options.parity_queries or default_parity_queries(checkpoint, options.target)
+        groups = builtin_parity_set(seed=0, queries=queries)
+        pairs, spans = flatten(groups)
+    check_against_crossencoder(checkpoint, model, pairs, options, steps)
+    return model, groups, pairs, spans
+
+
 def write_tokenizer_files(checkpoint: Checkpoint, directory: Path) -> None:
     for name in TOKENIZER_FILES:
         source = checkpoint.path / name
@@ -260,12 +272,7 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps) -> tu
     from .reference import fp32_reference
     from .validate import check_graph_contract, check_values
 
-    with steps.step("building the packed PyTorch model (fp32)"):
-        model = checkpoint.build_model(torch.float32)
-        queries = options.parity_queries or default_parity_queries(checkpoint, options.target)
-        groups = builtin_parity_set(seed=0, queries=queries)
-        pairs, spans = flatten(groups)
-    check_against_crossencoder(checkpoint, model, pairs, options, steps)
+    model, groups, pairs, spans = checked_reference_model(checkpoint, options, steps)
     staging = staging_dir(options.out)
     try:
         with steps.step("exporting fp32 ONNX (VarlenAttention custom op + local function body)"):
@@ -344,12 +351,7 @@ def build_tensorrt(
         max_batch_pairs=options.max_batch_pairs or target.default_max_batch_pairs,
         max_length=options.max_length, max_batch_tokens=options.max_batch_tokens,
     )
-    with steps.step("building the packed PyTorch model (fp32 reference)"):
-        model = checkpoint.build_model(torch.float32)
-        queries = options.parity_queries or default_parity_queries(checkpoint, options.target)
-        groups = builtin_parity_set(seed=0, queries=queries)
-        pairs, spans = flatten(groups)
-    check_against_crossencoder(checkpoint, model, pairs, options, steps)
+    model, groups, pairs, spans = checked_reference_model(checkpoint, options, steps)
     staging = staging_dir(options.out)
     work = staging_dir(options.out, "onnx") if not options.onnx_only else staging
     try:

@@ -80,8 +80,8 @@ def resolve_source(source: str, revision: str | None = None) -> tuple[Path, str 
         raise CheckpointError(
             f"Could not get {source!r} from the Hugging Face Hub ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no detail'}). If this machine is offline, "
-            "pass a local checkpoint folder (--model PATH), or build from the exact config with "
-            "--size SIZE --random-weights."
+            "pass a local checkpoint folder instead of the hub id (`ettin-export build PATH`), or build "
+            "from the exact config with --size SIZE --random-weights."
         ) from error
     folder = Path(folder)
     return folder, folder.name  # snapshot folders are named by commit hash

@@ -134,6 +134,7 @@ def get_size(name: str) -> EttinSize:
     if key not in SIZES:
         raise UnknownSizeError(
             f"Unknown Ettin size {name!r}. Known sizes: {', '.join(SIZES)}. "
-            "For another ModernBERT reranker pass --model PATH_OR_HUB_ID instead of --size."
+            "For another ModernBERT reranker pass its folder or hub id "
+            "(`ettin-export build PATH_OR_HUB_ID`) instead of --size."
         )
     return SIZES[key]

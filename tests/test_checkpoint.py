@@ -90,7 +90,7 @@ def test_unreachable_hub_says_so_and_suggests_alternatives(monkeypatch):
         load_checkpoint("cross-encoder/ettin-reranker-17m-v1")
     message = str(error.value)
     assert "Could not get 'cross-encoder/ettin-reranker-17m-v1' from the Hugging Face Hub" in message
-    assert "--model PATH" in message and "--size SIZE --random-weights" in message
+    assert "ettin-export build PATH`" in message and "--size SIZE --random-weights" in message
 
 
 def test_open_source_validates_its_arguments():

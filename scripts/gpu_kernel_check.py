@@ -234,23 +234,6 @@ def run_torch_varlen(baseline, q, k, v, cu_seqlens, max_len, window):
     return out[0] if isinstance(out, tuple) else out
 
 
-def sdpa_per_pair(torch, q, k, v, cu_seqlens, window):
-    """PyTorch's own low-precision attention, pair by pair (its dtype, its fused kernels), as the
-    bf16 baseline where varlen_attn cannot take a window."""
-    import torch.nn.functional as F
-
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qb, kb, vb = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))
-        mask = None
-        if window >= 0:
-            pos = torch.arange(end - start, device=q.device)
-            mask = (pos[:, None] - pos[None, :]).abs() <= window
-        out[start:end] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)[0].transpose(0, 1)
-    return out
-
-
 # --- steps ----------------------------------------------------------------------------------------------
 
 
@@ -292,6 +275,7 @@ def accuracy_cases(rng):
 
 def check_accuracy(torch, entry, kernels, launcher, baseline, lengths, window, dtype, heads, generator):
     from ettin_export.attention import reference_varlen_attention
+    from ettin_export.selftest import sdpa_per_pair
     from ettin_plugins.kernel import varlen_attention
 
     q, k, v, cu, max_len = make_case(torch, lengths, heads, dtype, "cuda", generator)

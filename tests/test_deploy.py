@@ -9,9 +9,7 @@ turns that skip into a failure.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import random
 import re
 import shutil
@@ -28,8 +26,8 @@ from ettin_export.deploy.checks import DeployError, check_engine_config, signatu
 from ettin_export.deploy.repository import DeployOptions, deploy_triton
 from ettin_export.deploy.schema import ConfigError, parse_config
 from ettin_runtime.manifest import Manifest, hash_files, read_manifest
+from .tritonserver import load_harness, server_env_or_skip
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "triton_server.py"
 MAX_LENGTH = 128
 ENGINE_BATCH = 64  # > the 40 documents of one load-test request: bigger batches prove cross-request batching
 MAX_DOCUMENTS = 100
@@ -38,17 +36,7 @@ NAME = "ettin_reranker"
 TOLERANCE = 1e-4
 
 
-def _harness():
-    if "triton_server" in sys.modules:
-        return sys.modules["triton_server"]
-    spec = importlib.util.spec_from_file_location("triton_server", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _harness()
+harness = load_harness()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,15 +349,7 @@ def test_the_command_module_imports_nothing_heavy():
 
 @pytest.fixture(scope="module")
 def server_env():
-    pytest.importorskip("tritonclient.http", reason="the clients need: pip install 'tritonclient[http,grpc]'")
-    pytest.importorskip("tritonclient.grpc", reason="the clients need: pip install 'tritonclient[http,grpc]'")
-    try:
-        return harness.ensure_env()
-    except harness.EnvSetupError as exc:
-        if os.environ.get("ETTIN_REQUIRE_TRITON"):
-            pytest.fail(f"ETTIN_REQUIRE_TRITON is set but the Triton server env cannot be built: {exc}")
-        pytest.skip(f"Triton server env cannot be built here (run `python scripts/triton_server.py setup` "
-                    f"to see why): {exc}")
+    return server_env_or_skip()
 
 
 @pytest.fixture(scope="module")

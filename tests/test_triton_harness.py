@@ -11,7 +11,6 @@ ETTIN_REQUIRE_TRITON=1 (CI) to turn that skip into a failure.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -23,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .tritonserver import SCRIPT, load_harness, server_env_or_skip
+
 pytestmark = pytest.mark.slow
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "triton_server.py"
 CLIENT_TIMEOUT_S = 60
 WORDS = ["the", "query", "document", "ranks", "first", "second", "relevant", "passage", "about", "cats",
          "dogs", "triton", "server", "tokens", "packed", "model"]
@@ -33,15 +33,7 @@ ODD_TEXTS = ["", "a, b; \"quoted\" \\ back", "line\nbreak\ttab", "naïve café �
              "emoji 🐈‍⬛ 👍🏽", "x" * 700]
 
 
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("triton_server", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
+harness = load_harness()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,15 +187,7 @@ def write_repository(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server_env():
-    pytest.importorskip("tritonclient.http", reason="the clients need: pip install 'tritonclient[http,grpc]'")
-    pytest.importorskip("tritonclient.grpc", reason="the clients need: pip install 'tritonclient[http,grpc]'")
-    try:
-        return harness.ensure_env()
-    except harness.EnvSetupError as exc:
-        if os.environ.get("ETTIN_REQUIRE_TRITON"):
-            pytest.fail(f"ETTIN_REQUIRE_TRITON is set but the Triton server env cannot be built: {exc}")
-        pytest.skip(f"Triton server env cannot be built here (run `python scripts/triton_server.py setup` "
-                    f"to see why): {exc}")
+    return server_env_or_skip()
 
 
 @pytest.fixture(scope="module")

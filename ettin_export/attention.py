@@ -84,8 +84,8 @@ def _cuda_varlen_attention(
         from ettin_plugins import varlen_attention as triton_varlen_attention
 
         return triton_varlen_attention(q, k, v, cu_seqlens, window)
-    if _BACKEND == "reference" or q.dtype == torch.float32:
-        # Flash kernels have no fp32 path; fp32 on a GPU means "exact", which is the reference.
+    if _BACKEND == "reference" or q.dtype in (torch.float32, torch.float64):
+        # Flash kernels have no fp32/fp64 path; those precisions on a GPU mean "exact": the reference.
         return reference_varlen_attention(q, k, v, cu_seqlens, window)
     flash = _flash_attn_varlen()
     if flash is not None:

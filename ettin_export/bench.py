@@ -5,7 +5,7 @@ sentence-transformers' CrossEncoder on the same pairs, in the same process.
     ettin-export bench --size 17m --random-weights        # candidate: the packed PyTorch model
 
 Protocol: both systems score the same pairs (a length profile from `ettin_export.lengths`, truncated at
-max_length, 512 by default as in the published benchmark). One untimed warm-up pass each, then `--runs`
+the same max_length: the artifact's, or the checkpoint's own; the published benchmark used 512). One untimed warm-up pass each, then `--runs`
 timed passes (default 5) per timing mode, the two systems interleaved and alternating who goes first,
 so drift and a neighbour's load hit both alike; medians are reported, with every run in the JSON.
 Two timing modes:
@@ -34,10 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .lengths import PUBLISHED_MAX_LENGTH
+
 SCHEMA = "ettin-export.bench/1"
 DEFAULT_RUNS = 5
 DEFAULT_PAIRS = 256
-DEFAULT_MAX_LENGTH = 512
 # CrossEncoder.predict batch_size: the best measured on a 2-core AMD EPYC (fp32, nq-like and long): 4
 # and 8 were within noise at 17m, 4 was ~6% ahead at 150m; 16 was ~15-25% and 32 ~40-65% slower
 # (padded batches stay short, GEMMs stay in cache). The CrossEncoder default is 32. `auto` searches
@@ -72,8 +73,9 @@ def add_arguments(parser) -> None:
                         'JSON-lines file of {"query", "document"} pairs')
     parser.add_argument("--pairs", type=int, default=DEFAULT_PAIRS, help="pairs per timed pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated pairs")
-    parser.add_argument("--max-length", type=int, help=f"tokens per pair (default: the artifact's, else "
-                        f"{DEFAULT_MAX_LENGTH}, as the published benchmark)")
+    parser.add_argument("--max-length", type=int, help="tokens per pair (default: the artifact's recorded "
+                        "max_length, or the checkpoint's own limit as CrossEncoder reads it; the published "
+                        f"benchmark truncates at {PUBLISHED_MAX_LENGTH})")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed passes per system and mode (>= 5)")
     parser.add_argument("--max-retries", type=int, default=2 * DEFAULT_RUNS,
                         help="runs measured again because other processes loaded the machine meanwhile")
@@ -365,12 +367,13 @@ def open_setup(args) -> Setup:
 
         if args.reference:
             raise UsageError("--reference is for artifacts; for a checkpoint the baseline is that checkpoint.")
-        max_length = args.max_length or DEFAULT_MAX_LENGTH
         args.device = args.device or "cpu"
         args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-        checkpoint = open_source(args.model, size=args.size, random_weights=args.random_weights, max_length=max_length)
+        checkpoint = open_source(args.model, size=args.size, random_weights=args.random_weights,
+                                 max_length=args.max_length)
+        max_length = checkpoint.max_length  # --max-length, else the checkpoint's own rule
         dtype = getattr(torch, args.dtype)
-        reranker = TorchReranker.from_checkpoint(checkpoint, dtype=dtype, device=args.device, max_length=max_length)
+        reranker = TorchReranker.from_checkpoint(checkpoint, dtype=dtype, device=args.device)
         candidate = RerankerContender(reranker, {
             "kind": "packed PyTorch model (TorchReranker)", "checkpoint": checkpoint.source,
             "precision": "fp32" if args.dtype == "float32" else "bf16", "device": args.device,

@@ -50,6 +50,11 @@ class Checkpoint:
     size: str | None = None  # the Ettin size, when known
     extra: dict = field(default_factory=dict)
 
+    def resolve_max_length(self, override: int | None = None) -> int:
+        """--max-length when given (checked against the model's positions), else the checkpoint's own
+        rule (CrossEncoder's, computed when it was loaded)."""
+        return self.max_length if override is None else resolve_max_length(self.path, override)
+
     def build_model(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PackedReranker:
         model = PackedReranker(self.config)
         missing, unexpected = model.load_state_dict(self.state_dict, strict=False)

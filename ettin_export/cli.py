@@ -23,7 +23,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, allow_artifact: boo
         help="with --size: the exact config with random weights, made offline (for tests and speed work)",
     )
     parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    parser.add_argument("--max-length", type=int, help="tokens per pair; longer pairs are truncated")
+    parser.add_argument("--max-length", type=int,
+                        help="tokens per pair, longer pairs are truncated (default: the checkpoint's own limit, as "
+                             "CrossEncoder reads it; an artifact's recorded max_length)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +196,7 @@ def _cmd_score(args) -> int:
 def _cmd_build(args) -> int:
     from .build import BuildError, BuildOptions, run_build
     from .checkpoint import open_source
+    from .onnx_export import ExportError
     from .targets import get_target
 
     target = get_target(args.target)
@@ -201,21 +204,20 @@ def _cmd_build(args) -> int:
         raise UsageError("name a model: a checkpoint folder or hub id, or --size SIZE [--random-weights].")
     name = args.size or Path(args.model.rstrip("/")).name
     out = Path(args.out) if args.out else Path("artifacts") / f"{name}{'-random' if args.random_weights else ''}-{target.name}"
-    max_length = args.max_length or 512
     options = BuildOptions(
-        out=out, target=target, max_length=max_length, max_batch_pairs=args.max_batch_size,
+        out=out, target=target, max_length=args.max_length, max_batch_pairs=args.max_batch_size,
         max_batch_tokens=args.max_batch_tokens, force=args.force, onnx_only=args.onnx_only,
         check_crossencoder=not args.skip_crossencoder_check, parity_queries=args.parity_queries, quiet=args.quiet,
     )
 
     def load():
         return open_source(args.model, size=args.size, random_weights=args.random_weights,
-                           revision=args.revision, max_length=max_length)
+                           revision=args.revision, max_length=args.max_length)
 
     options.command_line = ["ettin-export", *args.argv]
     try:
         return run_build(load, options)
-    except BuildError as error:  # includes "TensorRT missing" / "wrong GPU" from the preflight
+    except (BuildError, ExportError) as error:  # BuildError includes "TensorRT missing" / "wrong GPU"
         raise UsageError(str(error)) from error
 
 

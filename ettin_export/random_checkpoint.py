@@ -96,6 +96,7 @@ def write_random_checkpoint(
     max_seq_length: int | None = None,
     tokenizer_padding: bool = False,
     calibrate: bool = True,
+    score_std: float = 5.0,
     **config_overrides,
 ) -> Path:
     """Write a random-weights reranker folder that CrossEncoder and ettin-export both load.
@@ -109,6 +110,8 @@ def write_random_checkpoint(
             the tokenizer's model_max_length for the plain HF layout.
         tokenizer_padding: save tokenizer.json with padding and truncation enabled (CrossEncoder and
             ettin-export must both override them).
+        score_std: the spread the raw scores are calibrated to (mean 3); trained rerankers' scores
+            spread about 5 (Ettin) to 12 and more.
     """
     from safetensors.torch import save_file
     from transformers import ModernBertConfig, PreTrainedTokenizerFast
@@ -134,7 +137,7 @@ def write_random_checkpoint(
     init_random_weights(model, seed=seed)
     tokenizer = train_tokenizer(seed)
     if calibrate:
-        _calibrate_scores(model, tokenizer, seed)
+        _calibrate_scores(model, tokenizer, seed, std=score_std)
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -212,9 +215,9 @@ def _write_st_modules(out: Path, state: dict, hidden: int, pooling: str, max_seq
 
 
 @torch.no_grad()
-def _calibrate_scores(model: PackedReranker, tokenizer, seed: int, n_pairs: int = 24) -> None:
-    """Rescale the classifier so raw scores have mean ~3 and std ~5 on random pairs, like the
-    teacher-distilled Ettin logits (about -12..22)."""
+def _calibrate_scores(model: PackedReranker, tokenizer, seed: int, n_pairs: int = 24, std: float = 5.0) -> None:
+    """Rescale the classifier so raw scores have mean ~3 and std `std` on random pairs (5: like the
+    teacher-distilled Ettin logits, about -12..22)."""
     pairs = random_pairs(n_pairs, seed=seed + 1, document_words=(10, 120))
     encodings = tokenizer.encode_batch(pairs)
     ids = [torch.tensor(e.ids, dtype=torch.long) for e in encodings]
@@ -226,8 +229,8 @@ def _calibrate_scores(model: PackedReranker, tokenizer, seed: int, n_pairs: int 
     if not np.isfinite(spread) or spread < 1e-6:
         raise RuntimeError("Random model produced constant scores; cannot calibrate.")
     classifier = model.head.classifier
-    classifier.weight.mul_(5.0 / spread)
-    classifier.bias.copy_(classifier.bias * (5.0 / spread) + (3.0 - float(scores.mean()) * 5.0 / spread))
+    classifier.weight.mul_(std / spread)
+    classifier.bias.copy_(classifier.bias * (std / spread) + (3.0 - float(scores.mean()) * std / spread))
 
 
 def _write_json(path: Path, data) -> None:

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", help="reference checkpoint (path or hub id); default: the artifact's source")
     parser.add_argument("--pairs", help='JSON lines {"query", "document"} to check on, grouped by query '
                                         "(default: the built-in parity set)")
-    parser.add_argument("--parity-queries", type=int, default=10, help="queries in the built-in parity set")
+    parser.add_argument("--parity-queries", type=int,
+                        help="queries in the built-in parity set (default: as many as the build judged on)")
     parser.add_argument("--device", default="auto", help="where the PyTorch reference runs: cpu, cuda or auto")
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
@@ -46,33 +47,47 @@ def resolve_reference(manifest, reference: str | None, max_length: int):
 
 
 def run(args) -> int:
+    import numpy as np
     import torch
 
     from ettin_runtime import Reranker
     from ettin_runtime.manifest import read_manifest
 
-    from .parity import ParityMetrics, builtin_parity_set, flatten, format_report, judge, read_parity_file
-    from .reference import bf16_reference, fp32_reference
+    from .parity import builtin_parity_set, flatten, format_report, judge, read_parity_file
+    from .progress import Steps
+    from .reference import ReferenceMismatch, bf16_references, check_port_on_sample, fp32_references
     from .targets import get_target
 
     manifest = read_manifest(args.artifact)
     target = get_target(manifest.target)
-    runtime = Reranker.load(args.artifact)
-    checkpoint = resolve_reference(manifest, args.reference, manifest.max_length)
-    groups = read_parity_file(args.pairs) if args.pairs else builtin_parity_set(0, args.parity_queries)
+    steps = Steps(f"ettin-export verify {args.artifact}", quiet=args.json)
+    with steps.step("loading the artifact and its reference checkpoint"):
+        runtime = Reranker.load(args.artifact)
+        checkpoint = resolve_reference(manifest, args.reference, manifest.max_length)
+    # The parity set the build judged on, unless asked otherwise (its size is what the build chose).
+    queries = args.parity_queries or (manifest.parity or {}).get("queries") or 10
+    groups = read_parity_file(args.pairs) if args.pairs else builtin_parity_set(0, queries)
     pairs, spans = flatten(groups)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    candidate = runtime.predict(pairs)
-    reference, reference_name = fp32_reference(checkpoint, pairs, runtime.encoder, device)
-    metrics = ParityMetrics.compute(reference, candidate, spans)
-    lowp_name = lowp_metrics = None
+    with steps.step(f"scoring {len(pairs)} pairs with the artifact"):
+        candidate = runtime.predict(pairs)
+    with steps.step(f"reference runs on {len(pairs)} pairs: the packed model in fp64, CrossEncoder in fp32"):
+        references = fp32_references(checkpoint, pairs, runtime.encoder, device)
+    with steps.step("checking the packed model against CrossEncoder (fp32 rule both ways)"):
+        try:
+            port = check_port_on_sample(checkpoint, pairs, references, runtime.encoder, device)
+        except ReferenceMismatch as error:
+            steps.console.print(f"  FAILED: {error}")
+            return 1
+    steps.note(f"packed model vs CrossEncoder {port.describe()}")
     if manifest.precision == "bf16":
-        lowp, lowp_name = bf16_reference(checkpoint, pairs, runtime.encoder, device)
-        lowp_metrics = ParityMetrics.compute(reference, lowp, spans)
+        with steps.step(f"bf16 flash-attention reference on {len(pairs)} pairs ({device})"):
+            references = bf16_references(checkpoint, pairs, runtime.encoder, device,
+                                         anchor=(references.anchor, references.anchor_name))
     candidate_name = f"{manifest.engine.get('format')} {manifest.precision} ({Path(args.artifact).name})"
-    report = judge(target, candidate_name, reference_name, metrics, lowp_name, lowp_metrics)
+    report = judge(target, candidate_name, np.asarray(candidate), references, spans)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

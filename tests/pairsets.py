@@ -27,8 +27,9 @@ def parity_pairs(encoder, seed: int, count: int = 220, max_words: int = 700) -> 
         candidates.append(pair)
     lengths = [len(ids) for ids in encoder.encode(candidates)]
     chosen = {}
+    shortest = min(lengths)  # the pair template alone: 3 for [CLS] A [SEP] B [SEP], 4 with a double [SEP]
     for target in AWKWARD_LENGTHS:
-        if target <= encoder.max_length:
+        if shortest <= target <= encoder.max_length:
             index = next((i for i, n in enumerate(lengths) if n == target), None)
             assert index is not None, f"no candidate pair of exactly {target} tokens"
             chosen[index] = True

@@ -18,6 +18,8 @@ from ettin_export.torch_runtime import TorchReranker
 from ettin_runtime import Reranker
 from ettin_runtime.manifest import ArtifactError, read_manifest
 
+from .references import assert_fp32_parity, references_for
+
 
 def _copy(artifact, tmp_path):
     return shutil.copytree(artifact, tmp_path / "copy")
@@ -32,17 +34,26 @@ def test_manifest_records_what_every_stage_needs(tiny_artifact):
     assert manifest.max_length == 200 and manifest.score_activation == "identity"
     assert set(manifest.files) == {"model.onnx", "tokenizer.json", "tokenizer_config.json"}
     assert [i["name"] for i in manifest.inputs] == ["input_ids", "cu_seqlens"]
-    assert manifest.parity["passed"] and manifest.parity["max_abs_diff"] <= 1e-4
+    assert manifest.parity["passed"] and manifest.parity["anchor_precision"] == "fp64"
+    assert manifest.parity["max_abs_diff"] <= manifest.parity["max_abs_bound"]
     report = json.loads((tiny_artifact / "parity.json").read_text())
     assert report["passed"] and report["metrics"]["queries"] == 2
+    # the bound is DESIGN.md's: 2 x CrossEncoder's own fp32 error against the fp64 anchor + 1e-5
+    own = report["reference_lowp_metrics"]["max_abs_diff"]
+    assert report["reference_lowp"].startswith("sentence-transformers CrossEncoder fp32") and own > 0
+    assert report["bounds"]["max_abs_diff"] == pytest.approx(2 * own + 1e-5)
+    assert manifest.parity["candidate_vs_reference_lowp_max_abs_diff"] == pytest.approx(
+        report["candidate_vs_reference_lowp"]["max_abs_diff"])
 
 
 def test_runtime_scores_match_the_pytorch_model(tiny_artifact, tiny_checkpoint):
     runtime = Reranker.load(tiny_artifact)
     pairs = random_pairs(80, seed=8, document_words=(0, 300))
-    expected = TorchReranker.from_checkpoint(str(tiny_checkpoint)).predict(pairs)
     scores = runtime.predict(pairs)
     assert scores.dtype == np.float32
+    assert_fp32_parity(scores, references_for(tiny_checkpoint, pairs))
+    # and the packed PyTorch model agrees with it far inside that bound (same function, same order)
+    expected = TorchReranker.from_checkpoint(str(tiny_checkpoint)).predict(pairs)
     assert np.max(np.abs(scores - expected)) <= 1e-4
 
 
@@ -55,9 +66,9 @@ def test_edge_inputs(tiny_artifact, tiny_checkpoint):
     assert runtime.rank("query", []) == []
     huge = ("a question", random_sentence(__import__("random").Random(1), 5000))  # far beyond max_length
     edge = [("what is it", ""), ("", ""), huge, ("q", "d")]
+    assert_fp32_parity(runtime.predict(edge), references_for(tiny_checkpoint, edge))  # empty and over-long
     cross_encoder = CrossEncoder(str(tiny_checkpoint), activation_fn=torch.nn.Identity(), max_length=200)
-    expected = cross_encoder.predict(edge, show_progress_bar=False)
-    assert np.max(np.abs(runtime.predict(edge) - expected)) <= 1e-4  # empty and over-long scored like CrossEncoder
+    assert len(cross_encoder.tokenizer(*huge, truncation=True, max_length=200)["input_ids"]) == 200
 
 
 def test_batches_over_the_token_budget_are_split(tiny_artifact):
@@ -159,8 +170,10 @@ def test_force_replaces_after_success(tiny_artifact, tiny_checkpoint, tmp_path):
 def test_verify_passes_and_refuses_a_different_reference(tiny_artifact, tmp_path, capsys):
     assert main(["verify", str(tiny_artifact), "--parity-queries", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["passed"] and report["metrics"]["max_abs_diff"] <= 1e-4
-    assert report["metrics"]["pairs"] > 60 and report["bounds"]["max_abs_diff"] == 1e-4
+    own = report["reference_lowp_metrics"]["max_abs_diff"]
+    assert report["passed"] and report["metrics"]["max_abs_diff"] <= 2 * own + 1e-5
+    assert report["metrics"]["pairs"] > 60 and report["bounds"]["max_abs_diff"] == pytest.approx(2 * own + 1e-5)
+    assert report["reference"].startswith("packed PyTorch fp64")
     other = write_random_checkpoint(tmp_path / "other", None, seed=999, max_seq_length=200)
     assert main(["verify", str(tiny_artifact), "--reference", str(other)]) == 2
     assert "does not hold the weights this artifact was built from" in capsys.readouterr().err

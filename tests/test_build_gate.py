@@ -50,7 +50,7 @@ class StandInEngine(Reranker):
 
 def stand_in_hooks(shift: float = 0.0, calls: list | None = None) -> EngineHooks:
     from ettin_export import tensorrt_build
-    from ettin_export.reference import bf16_reference, fp32_reference
+    from ettin_export.reference import bf16_references
 
     calls = [] if calls is None else calls
 
@@ -75,11 +75,9 @@ def stand_in_hooks(shift: float = 0.0, calls: list | None = None) -> EngineHooks
         calls.append("load_runtime")
         return StandInEngine(Path(artifact), manifest, shift)
 
-    def references(checkpoint, pairs, encoder):
+    def references(checkpoint, pairs, encoder, anchor):
         calls.append("references")
-        fp32, fp32_name = fp32_reference(checkpoint, pairs, encoder, "cpu")
-        bf16, bf16_name = bf16_reference(checkpoint, pairs, encoder, "cpu")
-        return fp32, fp32_name, bf16, bf16_name
+        return bf16_references(checkpoint, pairs, encoder, "cpu", anchor)
 
     return EngineHooks(preflight=preflight, build_engine=build_engine, engine_profile=tensorrt_build.engine_profile,
                        load_runtime=load_runtime, references=references)
@@ -114,6 +112,7 @@ def test_gate_passes_the_widened_bf16_graph_and_publishes_with_its_report(passed
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] and manifest.parity["passed"]
     assert report["candidate"] == f"tensorrt bf16 ({STAND_IN})"
+    assert report["reference"].startswith("packed PyTorch fp64") and report["anchor_precision"] == "fp64"
     assert report["reference_lowp"].startswith("packed PyTorch bf16 (CPU")
     lowp = report["reference_lowp_metrics"]["max_abs_diff"]
     assert lowp > 0  # the bf16 reference has an error of its own, and the bound is relative to it
@@ -138,5 +137,5 @@ def test_gate_rejects_an_engine_beyond_1_5x_the_reference_error(passed_build, ti
     assert not report["passed"]
     assert report["metrics"]["max_abs_diff"] > 1.5 * report["reference_lowp_metrics"]["max_abs_diff"]
     (failure,) = report["failures"]  # only the error bound: a uniform shift keeps every ranking metric
-    assert "1.5 x the reference's own bf16 error" in failure
+    assert "1.5 x the own error of packed PyTorch bf16" in failure
     assert not list(tmp_path.glob(".tiny-h100.*"))  # staging removed

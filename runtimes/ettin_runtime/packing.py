@@ -49,11 +49,18 @@ def resolve_max_length(checkpoint_dir: str | Path, override: int | None = None) 
     An explicit override wins; then the Transformer module's saved `max_seq_length`
     (sentence_bert_config.json, which CrossEncoder reads only through modules.json); otherwise the
     smaller of the tokenizer's `model_max_length` and the model's `max_position_embeddings`."""
-    if override is not None:
-        if override < 2:
-            raise ValueError(f"max_length must be at least 2 tokens (room for the special tokens), got {override}.")
-        return int(override)
     root = Path(checkpoint_dir)
+    if override is not None:
+        if isinstance(override, bool) or not isinstance(override, (int, np.integer)) or override < 2:
+            raise ValueError(f"max_length must be an integer of at least 2 tokens (room for the special tokens), "
+                             f"got {override!r}.")
+        positions = _read_json(root / "config.json").get("max_position_embeddings")
+        if positions not in (None, -1) and override > int(positions):
+            raise ValueError(
+                f"max_length {override} is beyond the model's {positions} positions (max_position_embeddings in "
+                f"{root / 'config.json'}); pass at most {positions}."
+            )
+        return int(override)
     st_config = _read_json(root / "sentence_bert_config.json") if (root / "modules.json").is_file() else {}
     if st_config.get("max_seq_length") is not None:
         return int(st_config["max_seq_length"])

@@ -22,7 +22,12 @@ import numpy as np
 import pytest
 
 from ettin_export.cli import main as cli
-from ettin_export.deploy.checks import DeployError, check_engine_config, signature_from_manifest, signature_from_onnx
+from ettin_export.deploy.checks import (
+    DeployError,
+    check_engine_config,
+    signature_from_manifest,
+    signature_from_onnx,
+)
 from ettin_export.deploy.repository import DeployOptions, deploy_triton
 from ettin_export.deploy.schema import ConfigError, parse_config
 from ettin_runtime.manifest import read_manifest

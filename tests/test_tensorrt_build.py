@@ -519,7 +519,7 @@ def recording_tensorrt(monkeypatch):
         "polygraphy.backend.trt": types.SimpleNamespace(
             CreateConfig=create_config, Profile=Profile, engine_bytes_from_network=engine_bytes_from_network,
             network_from_onnx_path=network_from_onnx_path),
-        "polygraphy.exception": types.SimpleNamespace(PolygraphyException=type("PolygraphyException", (Exception,), {})),
+        "polygraphy.exception": types.SimpleNamespace(PolygraphyException=type("PolygraphyError", (Exception,), {})),
         "polygraphy.logger": types.SimpleNamespace(G_LOGGER=types.SimpleNamespace(WARNING=2, verbosity=verbosity)),
     }
     for name, module in polygraphy.items():

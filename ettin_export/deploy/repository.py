@@ -189,7 +189,8 @@ def tensorrt_serving_notes(engine: dict) -> tuple[list[str], list[str]]:
         notes.append(
             f"Its attention kernels are PTX ISA {engine['ptx_version']} for {engine.get('ptx_target') or 'the GPU'}, "
             f"which the server's NVIDIA driver JIT-compiles: it must support CUDA {cuda_version_text(needed)} or newer "
-            f"(the build machine's: {engine.get('driver_version') or '?'}, CUDA {engine.get('cuda_driver_version') or '?'})."
+            f"(the build machine's: {engine.get('driver_version') or '?'}, "
+            f"CUDA {engine.get('cuda_driver_version') or '?'})."
         )
     return notes, tensorrt_version_warnings(version)
 

@@ -21,7 +21,6 @@ ettin_export.tensorrt_build.kernel_ptx_version).
 from __future__ import annotations
 
 import functools
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable

@@ -677,3 +677,17 @@ def test_selftest_attention_accuracy_runs_on_a_cpu():
     assert "pass" not in result  # no kernel ran, so no verdict
     fp32 = attention_accuracy(torch, [3, 130], -1, torch.float32, device="cpu", heads=2)
     assert fp32["pass"] and fp32["errors"]["auto"] < 1e-5
+
+
+def test_selftest_verdict_names_driver_ptx_and_tensorrt_warnings():
+    from ettin_export.selftest import CHECKS, format_verdict
+    from ettin_runtime.tensorrt_backend import tensorrt_version_warnings
+
+    warnings = tensorrt_version_warnings("11.1.0.106")
+    results = {"environment": {"gpu_name": "NVIDIA H100 80GB HBM3", "driver_version": "550.54.15",
+                               "cuda_driver_version": "12.4", "tensorrt_version": "11.1.0.106", "ptx_version": "8.4",
+                               "warnings": warnings},
+               "checks": {name: {"status": "PASS", "detail": "ok"} for name in CHECKS}, "passed": True, "seconds": 1.0}
+    verdict = format_verdict(results, H100, "17m")
+    assert "driver 550.54.15, CUDA 12.4" in verdict and "PTX ISA 8.4" in verdict
+    assert warnings and f"WARNING: {warnings[0]}" in verdict and verdict.endswith("SELFTEST PASSED (1.0 s)")

@@ -234,9 +234,12 @@ def triton_default_ptx_version(target: str | int = DEFAULT_TARGET) -> int:
     """The PTX ISA version Triton writes for this target when not told otherwise (e.g. 94 with triton
     3.9, whose bundled ptxas for sm_90 is CUDA 13.4): what its own compiler derives from that ptxas."""
     _import_triton()
-    from triton.backends.nvidia import compiler as nvidia
+    try:
+        from triton.backends.nvidia import compiler as nvidia
 
-    return int(nvidia.get_ptx_version_from_options(nvidia.CUDAOptions(), parse_target(target)))
+        return int(nvidia.get_ptx_version_from_options(nvidia.CUDAOptions(), parse_target(target)))
+    except (ImportError, AttributeError, TypeError):  # a release that derives it elsewhere: ask a compile
+        return ptx_version_number(compile_varlen_attention("bf16", -1, target).ptx_version)
 
 
 def entry_name(dtype: str, window: int, head_dim: int, config: KernelConfig) -> str:

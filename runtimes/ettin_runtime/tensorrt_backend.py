@@ -59,11 +59,10 @@ PTX_ISA_MIN_DRIVER = {
 # TensorRT releases with a known fault for this engine, by (first, last) version inclusive. Ragged
 # serving changes the input shape on nearly every batch, so a leak per shape change is a slow outage.
 KNOWN_TENSORRT_PROBLEMS = (
-    ((11, 1), (11, 2, 1),
+    ((11, 1, 0), (11, 2, 1),
      "leaks a CUDA module (GPU memory) on every input-shape change of an engine with an AOT plugin, and "
-     "packed batches change shape on nearly every call (NVIDIA/TensorRT#4849, open for 11.1 and 11.2.1). "
-     "Build and serve with a TensorRT release outside 11.1 - 11.2.1 (10.9 or later 10.x, or a release whose "
-     "notes list the fix), in matching containers."),
+     "packed batches change shape on nearly every call (NVIDIA/TensorRT#4849, open, reported for 11.1 and "
+     "11.2.1). Build and serve with a TensorRT release outside 11.1 - 11.2.1, in matching containers."),
 )
 
 
@@ -179,7 +178,7 @@ def tensorrt_version_warnings(version: str | None) -> list[str]:
     if not _release(version)[0]:
         return []
     return [f"TensorRT {version} {problem}" for first, last, problem in KNOWN_TENSORRT_PROBLEMS
-            if _release(".".join(map(str, first))) <= _release(version) <= _release(".".join(map(str, last)))]
+            if first <= _release(version) <= last]
 
 
 def environment_problems(engine: dict, tensorrt_version: str, gpu: GpuInfo, *, check_driver: bool = True) -> list[str]:

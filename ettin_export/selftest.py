@@ -346,8 +346,10 @@ def _run_checks(args, target, workdir: Path) -> dict:
 
 def format_verdict(results: dict, target, size: str) -> str:
     env = results.get("environment", {})
-    lines = [f"ettin-export selftest --target {target.name} ({size}, random weights) on {env.get('gpu_name', '?')}, "
-             f"TensorRT {env.get('tensorrt_version', '?')}"]
+    lines = [f"ettin-export selftest --target {target.name} ({size}, random weights) on {env.get('gpu_name', '?')} "
+             f"(driver {env.get('driver_version', '?')}, CUDA {env.get('cuda_driver_version', '?')}), TensorRT "
+             f"{env.get('tensorrt_version', '?')}, kernels as PTX ISA {env.get('ptx_version', '?')}"]
+    lines += [f"  WARNING: {warning}" for warning in env.get("warnings", [])]
     for name in CHECKS:
         check = results["checks"][name]
         lines.append(f"  [{check['status']}] {name:<14} {check['detail']}")

@@ -1,23 +1,27 @@
 """TensorRT for `--target h100`: preflight, engine profile, plan build, and the runtime hook.
 
     preflight(target)           seconds: TensorRT >= 10.9 with tensorrt.plugin, a CUDA GPU and driver, the
-                                target's compute capability, Triton for the kernel compile (and the
-                                polygraphy / PyTorch-CUDA pieces the build and its parity gate use)
+                                target's compute capability, a supported Triton for the kernel compile, a
+                                PTX ISA version both the driver and Triton accept (and the polygraphy /
+                                PyTorch-CUDA pieces the build and its parity gate use)
     engine_profile(...)         the `limits` manifest entry: one optimization profile over total tokens
                                 and pair count
-    build_engine(...)           register the AOT plugin -> parse the bf16 ONNX (polygraphy's loaders) ->
-                                one plugin layer per VarlenAttention node, or stop -> build with the
-                                profile and a timing cache -> plan + facts for the manifest
+    build_engine(...)           register the AOT plugin -> parse the bf16 ONNX (polygraphy's loaders, no
+                                parser flags) -> one plugin layer per VarlenAttention node, or stop ->
+                                build with the profile and a timing cache named by TensorRT version and
+                                compute capability -> plan + facts for the manifest
     load_runtime(dir, manifest) the artifact's TensorRTReranker (ettin_runtime, no torch)
 
 Everything that needs no TensorRT is a plain function here and tested on a CPU: the profile math,
-the parser-rules check of the graph against the plugin's registration signature, node and layer
-counting, version rules and the manifest facts. TensorRT, polygraphy and the GPU are imported only
+the parser-rules check of the graph against the plugin's registration signature and against the
+creators TensorRT registers under standard op names, node and layer counting, the PTX ISA choice,
+version rules and the manifest facts. TensorRT, polygraphy and the GPU are imported only
 inside `preflight` and `build_engine`.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +36,21 @@ INSTALL_TENSORRT = (
     "(tensorrt-cu13 for a CUDA 13 driver; PyPI alone only holds a placeholder), or build inside NVIDIA's "
     "container nvcr.io/nvidia/tensorrt:<YY.MM>-py3 of a release that ships TensorRT >= 10.9"
 )
+# The ONNX parser flags the build sets: none. ENABLE_PLUGIN_OVERRIDE would hand every node whose op type
+# names a creator registered in namespace "" to that creator (ModelImporter.cpp::parseNode), and the
+# VarlenAttention nodes need no flag: their plugin_namespace attribute routes them (TensorRT >= 10.7).
+PARSER_FLAGS: tuple[str, ...] = ()
+# Creators that TensorRT's standard plugin library registers under the name of a standard ONNX op, in
+# namespace "" (initLibNvInferPlugins in plugin/api/inferPlugin.cpp and the plugins' name constants,
+# NVIDIA/TensorRT tags v10.9.0 ... v11.1; polygraphy's ONNX loaders call init_libnvinfer_plugins before
+# parsing). A node routed to the plugin registry under one of these names gets the legacy plugin, not
+# the ONNX op: the legacy ScatterElements takes only add/mul/min/max/mean reductions, and this graph has
+# ScatterElements(reduction="none") and Split nodes.
+STANDARD_NAME_CREATORS = {
+    "ScatterElements": "TensorRT 10.9 - 11.1 (ScatterElementsPluginV2/V3Creator)",
+    "ScatterND": "TensorRT 10.9 - 11.1 (ScatterNDPluginCreator)",
+    "Split": "TensorRT 10.9 - 10.16 (SplitPluginCreator)",
+}
 ONNX_ONLY_HINT = (
     "No such machine at hand? `ettin-export build ... --target h100 --onnx-only` writes the bf16 ONNX here "
     "and prints the command that finishes the build on the GPU machine."
@@ -195,9 +214,44 @@ def parser_rule_problems(proto, registered_inputs=None, registered_attributes=No
     return problems
 
 
-def check_parser_rules(proto) -> int:
-    """Raise BuildError listing every broken rule; return the number of VarlenAttention nodes."""
-    problems = parser_rule_problems(proto)
+def plugin_routing_problems(proto, parser_flags=PARSER_FLAGS) -> list[str]:
+    """The standard-op nodes that the TensorRT parser would hand to a plugin creator of TensorRT's own
+    instead of importing them as ONNX ops: empty when none would be.
+
+    The parser asks the plugin registry first for every node when ENABLE_PLUGIN_OVERRIDE is among
+    `parser_flags`, and otherwise for nodes that carry a `plugin_namespace` attribute; the lookup is
+    (op type, plugin_version attribute or "1", plugin_namespace attribute or "") (ModelImporter.cpp::
+    parseNode and isNodeInPluginRegistry)."""
+    from onnx import helper
+
+    from ettin_plugins import spec
+
+    override = "ENABLE_PLUGIN_OVERRIDE" in parser_flags
+    problems = []
+    for index, node in enumerate(proto.graph.node):
+        if node.domain == spec.PLUGIN_NAMESPACE or node.op_type not in STANDARD_NAME_CREATORS:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if not override and "plugin_namespace" not in attrs:
+            continue
+        namespace = attrs.get("plugin_namespace", b"")
+        namespace = namespace.decode() if isinstance(namespace, bytes) else str(namespace)
+        if namespace:
+            continue  # looked up in another namespace, where TensorRT registers none of these
+        why = "the parser flag ENABLE_PLUGIN_OVERRIDE" if override else "its plugin_namespace attribute"
+        problems.append(
+            f"{node.name or f'node #{index}'} ({node.op_type}): {why} would hand it to TensorRT's own "
+            f"{node.op_type} plugin creator in namespace '' ({STANDARD_NAME_CREATORS[node.op_type]}) instead of "
+            "the ONNX op, which that plugin does not implement in full; parse without the flag (plugin_namespace "
+            "already routes the VarlenAttention nodes) and keep plugin_namespace off standard ops."
+        )
+    return problems
+
+
+def check_parser_rules(proto, parser_flags=PARSER_FLAGS) -> int:
+    """Raise BuildError listing every broken rule (the plugin's, and no standard op routed to one of
+    TensorRT's own creators under `parser_flags`); return the number of VarlenAttention nodes."""
+    problems = parser_rule_problems(proto) + plugin_routing_problems(proto, parser_flags)
     if problems:
         raise BuildError("the bf16 graph does not meet the TensorRT parser's plugin rules:\n  - "
                          + "\n  - ".join(problems))
@@ -273,18 +327,69 @@ def tensorrt_version_problem(version: str, has_plugin_module: bool, has_aot: boo
     return None
 
 
-def builder_settings(tensorrt_version: str, *, has_plugin_override_flag: bool) -> dict:
-    """How the network and builder are configured, as recorded in the manifest."""
+def builder_settings(tensorrt_version: str) -> dict:
+    """How the network and builder are configured, as recorded in the manifest (build_engine applies
+    exactly these)."""
     major = version_tuple(tensorrt_version)[0]
     return {
         # 10.x: ask for strong typing; 11.x: always strongly typed (the flag is deprecated and ignored).
         "strongly_typed": True,
         "strongly_typed_flag": major < 11,
-        "parser_flags": ["ENABLE_PLUGIN_OVERRIDE"] if has_plugin_override_flag else [],
+        "parser_flags": list(PARSER_FLAGS),
         "tf32": False,  # fp32 islands (norm statistics, softmax, the score) stay IEEE fp32
         "precision": "as typed in the ONNX graph (bf16 weights and matmuls, fp32 islands)",
         "optimization_profiles": 1,
     }
+
+
+def kernel_ptx_version(gpu, ptx_arch: str, triton_default: int | None = None) -> int:
+    """The PTX ISA version (e.g. 84) to compile the plugin's kernels with: the highest that both this GPU's
+    driver loads and Triton's bundled ptxas writes, and at least what the architecture needs (8.0 for
+    sm_90a). Raises TensorRTUnavailable, saying which driver to install, when none fits.
+
+    Triton writes the ISA of its bundled ptxas (triton 3.9: 9.4 for sm_90), which the common H100
+    drivers (535, 550, 560: CUDA 12.2 - 12.6) refuse to load; nothing complains until the engine runs."""
+    from ettin_plugins import aot
+    from ettin_runtime.tensorrt_backend import cuda_version_text, driver_needed_for_ptx, highest_ptx_for_driver
+
+    lowest = aot.min_ptx_version(ptx_arch)
+    lowest_text = aot.ptx_version_text(lowest)
+    needed = driver_needed_for_ptx(lowest_text)
+    driver = f"{gpu.name}'s driver {gpu.driver_version or '(version unknown)'}"
+    update = (f"Install an NVIDIA driver for CUDA {cuda_version_text(needed)} or newer (the data-center branches "
+              "R535, R570 and R580 are all new enough), or run the build where one is installed.")
+    if gpu.cuda_driver_version is None:
+        raise TensorRTUnavailable(f"Could not read the CUDA version of {driver} (cuDriverGetVersion), so the PTX "
+                                  f"ISA version it loads is unknown. {update}")
+    try:
+        driver_max = aot.ptx_version_number(highest_ptx_for_driver(gpu.cuda_driver_version))
+    except ValueError as error:
+        driver_max = 0
+        reason = str(error)
+    else:
+        reason = f"it loads PTX ISA up to {aot.ptx_version_text(driver_max)}"
+    if driver_max < lowest:
+        raise TensorRTUnavailable(
+            f"{driver} supports CUDA {gpu.cuda_version}: {reason}, but {ptx_arch} kernels need PTX ISA "
+            f"{lowest_text} or newer. {update}")
+    default = aot.triton_default_ptx_version(ptx_arch) if triton_default is None else triton_default
+    if default < lowest:
+        raise TensorRTUnavailable(
+            f"This OpenAI Triton writes PTX ISA {aot.ptx_version_text(default)}, below the {lowest_text} that "
+            f"{ptx_arch} needs. Install a supported one: pip install '{aot.TRITON_REQUIREMENT}'.")
+    return min(default, driver_max)
+
+
+def timing_cache_path(requested, tensorrt_version: str, compute_capability: str) -> Path:
+    """The timing cache for this TensorRT release and GPU generation, beside `requested`: a cache
+    written by another TensorRT or on another GPU makes the build fail ("the CUDA device property in
+    the provided cache is different"), so each (version, capability) keeps its own file.
+    `x.timing.cache` -> `x.trt10.9.0.34-cc9.0.timing.cache`."""
+    requested = Path(requested)
+    suffix = ".timing.cache"
+    stem = requested.name[: -len(suffix)] if requested.name.endswith(suffix) else requested.name
+    tag = re.sub(r"[^A-Za-z0-9.-]+", "-", f"trt{tensorrt_version}-cc{compute_capability}")
+    return requested.with_name(f"{stem}.{tag}{suffix}")
 
 
 def engine_facts(*, tensorrt_version: str, gpu, kernel, plugin_layers: dict, attention_nodes: int, limits: dict,
@@ -347,11 +452,22 @@ def _builder_error(trt) -> str | None:
 
 
 def _triton_version() -> str:
+    """The installed OpenAI Triton's version; ImportError (with what to install) when it is missing or
+    outside the range the AOT compile supports."""
     import triton
-    from triton.backends.compiler import GPUTarget
 
-    del GPUTarget  # importable is all the AOT compile needs here
+    from ettin_plugins import aot
+
+    problem = aot.triton_version_problem(triton.__version__)
+    if problem:
+        raise aot.TritonVersionError(problem)
     return triton.__version__
+
+
+def _triton_default_ptx(ptx_arch: str) -> int:
+    from ettin_plugins import aot
+
+    return aot.triton_default_ptx_version(ptx_arch)
 
 
 def _check_polygraphy() -> None:
@@ -415,12 +531,16 @@ def preflight(target) -> dict:
             "kernels are compiled for that architecture only and the plan would not run elsewhere. Run the build on "
             f"that GPU, or choose the target that matches this one."
         )
+    from ettin_plugins import aot
+
     try:
         triton_version = _triton_version()
     except ImportError as error:
-        raise _needs(f"OpenAI Triton is not installed ({error}): the build compiles the attention kernel to PTX "
-                     "with it.", "Install it with: pip install 'triton>=3.2'  (or pip install 'ettin-export[kernel]').",
-                     elsewhere=False) from error
+        missing = "" if isinstance(error, aot.TritonVersionError) else "OpenAI Triton is not installed: "
+        raise _needs(f"{missing}{error} The build compiles the attention kernel to PTX with it.",
+                     f"Install it with: pip install '{aot.TRITON_REQUIREMENT}'  (or pip install "
+                     "'ettin-export[kernel]').", elsewhere=False) from error
+    ptx_version = kernel_ptx_version(gpu, target.ptx_arch, _triton_default_ptx(target.ptx_arch))
     try:
         _check_polygraphy()
     except Exception as error:  # noqa: BLE001 - ImportError, OSError (no libcudart) or polygraphy's own
@@ -436,16 +556,23 @@ def preflight(target) -> dict:
                      "attention) on this GPU.",
                      "Install a CUDA build of PyTorch (https://pytorch.org/get-started/locally/).",
                      elsewhere=False) from error
-    return {
+    from ettin_runtime.tensorrt_backend import tensorrt_version_warnings
+
+    facts = {
         "tensorrt_version": trt.__version__,
         "gpu_name": gpu.name,
         "compute_capability": gpu.capability,
         "driver_version": gpu.driver_version,
         "cuda_driver_version": gpu.cuda_version,
         "triton_version": triton_version,
+        "ptx_version": aot.ptx_version_text(ptx_version),
         "bf16_reference_attention": reference,
-        "preflight_s": round(time.perf_counter() - started, 2),
     }
+    warnings = tensorrt_version_warnings(trt.__version__)
+    if warnings:
+        facts["warnings"] = warnings
+    facts["preflight_s"] = round(time.perf_counter() - started, 2)
+    return facts
 
 
 def _capability_text(target) -> str:
@@ -466,23 +593,29 @@ def build_engine(onnx_path, plan_path, limits: dict, target, timing_cache, steps
     from polygraphy.logger import G_LOGGER
 
     from ettin_plugins import aot, spec, trt_plugin
+    from ettin_runtime.tensorrt_backend import tensorrt_version_warnings
 
-    onnx_path, plan_path, timing_cache = Path(onnx_path), Path(plan_path), Path(timing_cache)
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     started = time.perf_counter()
     with steps.step("checking the graph against the plugin's registration (TensorRT parser rules)"):
         proto = onnx.load(str(onnx_path), load_external_data=False)
-        expected = check_parser_rules(proto)
+        expected = check_parser_rules(proto, PARSER_FLAGS)
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         del proto
-    with steps.step(f"registering {spec.PLUGIN_ID} (ahead-of-time, PTX for {target.ptx_arch})"):
-        trt_plugin.register(target.ptx_arch)
+    gpu = _probe_gpu()
+    for warning in tensorrt_version_warnings(trt.__version__):
+        steps.note(f"WARNING: {warning}")
+    # The same ISA for every kernel: the plugin's aot_impl compiles with what register() was given.
+    ptx_version = kernel_ptx_version(gpu, target.ptx_arch, _triton_default_ptx(target.ptx_arch))
+    with steps.step(f"registering {spec.PLUGIN_ID} (ahead-of-time, PTX ISA {aot.ptx_version_text(ptx_version)} "
+                    f"for {target.ptx_arch})"):
+        trt_plugin.register(target.ptx_arch, ptx_version=ptx_version)
         # The same compile (cached) the plugin's aot_impl does for a global layer: its PTX facts go in the manifest.
         kernel = aot.compile_varlen_attention("bf16", -1, aot.parse_target(target.ptx_arch),
-                                              aot.TACTICS[min(aot.TACTICS)])
-    gpu = _probe_gpu()
-    has_override = hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE")
-    settings = builder_settings(trt.__version__, has_plugin_override_flag=has_override)
-    flags = [trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE] if has_override else None
+                                              aot.TACTICS[min(aot.TACTICS)], ptx_version=ptx_version)
+    settings = builder_settings(trt.__version__)
+    flags = [getattr(trt.OnnxParserFlag, name) for name in settings["parser_flags"]] or None
+    timing_cache = timing_cache_path(timing_cache, trt.__version__, gpu.capability)
     with G_LOGGER.verbosity(G_LOGGER.WARNING):
         with steps.step("parsing the ONNX graph (each VarlenAttention node becomes the plugin)"):
             try:

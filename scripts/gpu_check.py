@@ -227,6 +227,7 @@ def kernel_check(out_dir: Path, entry: dict, *, quick: bool, dry_run: bool, time
     if result.is_file():
         data = json.loads(result.read_text())
         entry["summary"] = data.get("summary")
+        entry["ptx_version"] = data.get("steps", {}).get("aot_compile", {}).get("ptx_version_requested")
         entry["steps_failed"] = [n for n, s in data.get("steps", {}).items() if s.get("ok") is False]
     entry["ok_override"] = entry.get("returncode") == 0
 

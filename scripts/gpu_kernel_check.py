@@ -4,14 +4,17 @@
     python scripts/gpu_kernel_check.py OUT_DIR            # on a GPU machine (<= 5 min on an H100)
     python scripts/gpu_kernel_check.py OUT_DIR --dry-run  # on a CPU: arguments, AOT compile, JSON
 
-Needs torch and triton (no TensorRT, no network, no flash-attn, no install of this repo: the repo root
-and plugins/ are put on sys.path here). Writes OUT_DIR/gpu_kernel_check.json after every step, so a
+Needs torch and triton (no TensorRT, no network, no flash-attn, no install of this repo: the repo root,
+plugins/ and runtimes/ are put on sys.path here). Writes OUT_DIR/gpu_kernel_check.json after every step, so a
 failure or a timeout still leaves the steps before it; every step records its own error and the run
 goes on.
 
-1. AOT: compile the PTX for this GPU's arch with ettin_plugins.aot and check the entry contract.
-2. Launch that PTX as TensorRT does: module load + cuLaunchKernel with the declared arguments only,
-   grid/block/shared memory from the shape formulas (cuda-python, else CuPy, else libcuda via ctypes).
+1. AOT: compile the PTX for this GPU's arch with ettin_plugins.aot, at the PTX ISA version the build
+   would choose for this driver (ettin_export.tensorrt_build.kernel_ptx_version; 8.0, sm_90a's floor,
+   on --dry-run), and check the entry contract: exactly the declared parameters, one name per variant.
+2. Launch that PTX as TensorRT does: the driver JIT-loads it (cuModuleLoadData) and cuLaunchKernel
+   passes the declared arguments only, grid/block/shared memory from the shape formulas (cuda-python,
+   else CuPy, else libcuda via ctypes).
 3. Accuracy, bf16 (plus fp16): max |kernel - fp32 reference| per case, beside PyTorch's own bf16
    attention error on the same inputs; passes when kernel <= 2 x PyTorch (flash-attention's rule).
 4. Speed at pair lengths 128, 512, 2048 (~64k packed tokens), local and global, as PyTorch varlen
@@ -37,7 +40,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "plugins")]
+sys.path[:0] = [str(REPO), str(REPO / "plugins"), str(REPO / "runtimes")]
 
 SPEED_LENGTHS = (128, 512, 2048)
 WINDOWS = (64, -1)  # Ettin's local half-width, and global
@@ -256,6 +259,17 @@ def environment(torch, entry):
             entry.setdefault("optional_modules", []).append(module)
 
 
+def build_ptx_version(target: str, entry: dict) -> int:
+    """The PTX ISA `ettin-export build` would compile with on this machine: the same function, from the
+    driver's CUDA version (libcuda) and this Triton's default."""
+    from ettin_export.tensorrt_build import kernel_ptx_version
+    from ettin_runtime.tensorrt_backend import probe_gpu
+
+    gpu = probe_gpu(0)
+    entry["driver"] = {"version": gpu.driver_version, "cuda": gpu.cuda_version}
+    return kernel_ptx_version(gpu, target)
+
+
 def make_case(torch, lengths, heads, dtype, device, generator):
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     q, k, v = (torch.randn(sum(lengths), heads, 64, generator=generator).to(device=device, dtype=dtype) for _ in range(3))
@@ -390,6 +404,9 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir", type=Path, help="folder for gpu_kernel_check.json (created if missing)")
     parser.add_argument("--dry-run", action="store_true", help="CPU: AOT compile + a tiny interpreter case, no launches")
     parser.add_argument("--target", default=None, help="compile target (default: this GPU; sm_90a on --dry-run)")
+    parser.add_argument("--ptx-version", type=int, default=None,
+                        help="PTX ISA as Triton writes it, e.g. 84 (default: what the build would choose for this "
+                        "driver; 80 on --dry-run)")
     parser.add_argument("--heads", type=int, default=12, help="heads for the speed runs (Ettin 150m: 12)")
     parser.add_argument("--tokens", type=int, default=65536, help="packed tokens per speed run")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per measurement (median)")
@@ -417,12 +434,15 @@ def main(argv=None) -> int:
 
         target = args.target or ("sm_%d%d" % torch.cuda.get_device_capability() if has_gpu else "sm_90a")
         entry["target_requested"] = target
+        ptx_version = args.ptx_version or (build_ptx_version(target, entry) if has_gpu else aot.min_ptx_version(target))
+        entry["ptx_version_requested"] = aot.ptx_version_text(ptx_version)
+        entry["triton_default_ptx_version"] = aot.ptx_version_text(aot.triton_default_ptx_version(target))
         for dtype in ("bf16", "fp16"):
             for window in WINDOWS:
                 for tactic, config in aot.TACTICS.items():
                     if dtype == "fp16" and tactic != min(aot.TACTICS):
                         continue
-                    kernel = aot.compile_varlen_attention(dtype, window, target, config)
+                    kernel = aot.compile_varlen_attention(dtype, window, target, config, ptx_version=ptx_version)
                     check = aot.verify_entry(kernel)
                     kernels.setdefault((dtype, window), {})[tactic] = kernel
                     entry.setdefault("kernels", []).append({
@@ -430,9 +450,13 @@ def main(argv=None) -> int:
                         "name": kernel.name, "target": kernel.target, "ptx_version": kernel.ptx_version,
                         "shared_mem": kernel.launch.shared_mem, "num_warps": kernel.launch.num_warps,
                         "declared_params": [f"{p.name}:{p.triton_type}" for p in kernel.params],
-                        "entry_declared": check.declared, "entry_hidden": check.hidden,
-                        "scratch": kernel.scratch, "triton": kernel.triton_version,
+                        "entry_declared": check.declared, "entry_hidden_removed": check.hidden,
+                        "triton_entry_name": kernel.triton_name, "scratch": kernel.scratch,
+                        "triton": kernel.triton_version,
                     })
+        names = [k["name"] for k in entry["kernels"]]
+        if len(set(names)) != len(names):
+            raise RuntimeError(f"two compiled variants share an entry name: {sorted(names)}")
         sample = kernels[("bf16", 64)][min(aot.TACTICS)]
         (args.out_dir / f"varlen_attention_{sample.target}_bf16_window64.ptx").write_text(sample.ptx)
 
@@ -486,8 +510,9 @@ def main(argv=None) -> int:
                 if ("bf16", window) not in kernels:
                     from ettin_plugins import aot
 
+                    ptx_version = aot.ptx_version_number(report.data["steps"]["aot_compile"]["ptx_version_requested"])
                     kernels[("bf16", window)] = {
-                        t: aot.compile_varlen_attention("bf16", window, target, c)
+                        t: aot.compile_varlen_attention("bf16", window, target, c, ptx_version=ptx_version)
                         for t, c in aot.TACTICS.items()
                     }
                 with report.step(f"accuracy/bf16/{name}/window{window}") as entry:

@@ -5,6 +5,7 @@ the same run (median of 5 interleaved runs)."""
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -83,13 +84,32 @@ def test_model_flops_match_sizes_flops_per_token():
         assert bench.model_flops(model, np.array([length])) == pytest.approx(length * spec.flops_per_token(length))
 
 
-def test_gpu_peak_lookup():
-    from ettin_export.bench import gpu_peak
+@pytest.mark.parametrize("order", ["as written", "reversed", "shuffled"])
+def test_gpu_peak_lookup_takes_the_most_specific_entry_for_each_card(monkeypatch, order):
+    """Every entry of the table is found from a device name that contains it, even where a shorter entry
+    matches the same name (the H100 PCIe is not given the H100 SXM figures, an L40S not the L4's), in
+    whatever order the table lists them; a card the table lacks gets None; --peak-tflops always wins."""
+    from ettin_export import bench
 
-    assert gpu_peak("NVIDIA H100 80GB HBM3", "bf16", None) == 989.4
-    assert gpu_peak("NVIDIA H100 PCIe", "fp32", None) == 51.2
-    assert gpu_peak("NVIDIA H200", "bf16", None) == 989.4
-    assert gpu_peak("Some Card", "bf16", None) is None and gpu_peak(None, "fp32", 12.0) == 12.0
+    rng = random.Random()
+    table = dict(bench.GPU_PEAK_TFLOPS)
+    keys = list(table)
+    if order == "reversed":
+        keys.reverse()
+    elif order == "shuffled":
+        rng.shuffle(keys)
+    monkeypatch.setattr(bench, "GPU_PEAK_TFLOPS", {k: table[k] for k in keys})
+    overlapping = 0
+    for key, peaks in table.items():
+        name = f"NVIDIA {key} {rng.choice(['80GB HBM3', '94GB', '141GB HBM3e', ''])}".strip()
+        overlapping += any(k != key and all(part in name for part in k.split()) for k in table)
+        for precision, alias in (("bf16", "bfloat16"), ("fp32", "fp32")):
+            assert bench.gpu_peak(name, alias, None) == peaks[precision], (name, precision, order)
+    assert overlapping >= 4  # H100 PCIe/NVL/SXM beside H100, L40S beside L4: the case that needs care
+    assert bench.gpu_peak("NVIDIA GeForce RTX 4090", "bf16", None) is None
+    assert bench.gpu_peak(None, "bf16", None) is None
+    override = rng.uniform(1, 2000)
+    assert bench.gpu_peak("NVIDIA H100 80GB HBM3", "bf16", override) == override
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,19 @@ import numpy as np
 import pytest
 
 from ettin_export.cli import main as cli
-from ettin_export.deploy.checks import DeployError, check_engine_config, signature_from_onnx
+from ettin_export.deploy.checks import (
+    DeployError,
+    check_engine_config,
+    signature_from_manifest,
+    signature_from_onnx,
+)
 from ettin_export.deploy.repository import DeployOptions, deploy_triton
 from ettin_export.deploy.schema import ConfigError, parse_config
-from ettin_runtime.manifest import Manifest, hash_files, read_manifest
+from ettin_runtime.manifest import read_manifest
 from .tritonserver import load_harness, server_env_or_skip
 
 MAX_LENGTH = 128
+TRT_MAX_LENGTH = 200  # the TensorRT artifact's: the length the gate's own tests build at (tests/test_build_gate.py)
 ENGINE_BATCH = 64  # > the 40 documents of one load-test request: bigger batches prove cross-request batching
 MAX_DOCUMENTS = 100
 QUEUE_DELAY_US = 1000
@@ -71,39 +77,31 @@ def repository(artifact, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tensorrt_artifact(tiny_checkpoint, artifact, tmp_path_factory):
-    """What a TensorRT build leaves (see the manifest schema), around a real bf16 ONNX export of the tiny
-    model; the plan is a placeholder, since no TensorRT runs here."""
-    import torch
+def tensorrt_artifact(tiny_checkpoint, tmp_path_factory):
+    """A TensorRT artifact as `build --target h100` writes it (files, manifest, parity report), made by the
+    real build path with the engine steps injected (tests/test_build_gate.py's stand-in hooks: the "plan"
+    holds the widened bf16 graph). Only the deploy side reads it; nothing here runs a plan."""
+    from ettin_export.build import run_build
+    from ettin_export.checkpoint import load_checkpoint
 
-    from ettin_export.checkpoint import open_source
-    from ettin_export.onnx_export import export_onnx
+    from .test_build_gate import options_for, stand_in_hooks
 
     out = tmp_path_factory.mktemp("deploy-trt") / "h100"
-    model = open_source(str(tiny_checkpoint), max_length=MAX_LENGTH).build_model(torch.bfloat16)
-    export_onnx(model, out / "model.onnx", "bf16")
-    (out / "model.plan").write_bytes(b"placeholder: not a TensorRT plan (static configuration test)\n")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(artifact / name, out / name)
-    write_tensorrt_manifest(out, read_manifest(artifact), total_tokens=[1, 2048, 64 * MAX_LENGTH],
-                            num_pairs_plus_1=[2, 17, 65])
+    options = options_for(out, max_length=TRT_MAX_LENGTH, max_batch_pairs=ENGINE_BATCH)
+    assert run_build(lambda: load_checkpoint(str(tiny_checkpoint), max_length=TRT_MAX_LENGTH), options,
+                     stand_in_hooks()) == 0
     return out
 
 
-def write_tensorrt_manifest(directory: Path, cpu: Manifest, *, total_tokens, num_pairs_plus_1, **engine) -> Manifest:
-    manifest = Manifest(
-        source=cpu.source, model=cpu.model, score_activation=cpu.score_activation, max_length=MAX_LENGTH,
-        target="h100", precision="bf16",
-        engine={"format": "tensorrt", "file": "model.plan", "onnx_file": "model.onnx", "external_data": None,
-                "opset": 20, "tensorrt_version": "10.13.0", "compute_capability": "9.0", "ptx_version": "8.7",
-                **engine},
-        limits={"max_batch_pairs": 64, "max_batch_tokens": total_tokens[2],
-                "profile": {"total_tokens": list(total_tokens), "num_pairs_plus_1": list(num_pairs_plus_1)}},
-    )
-    names = ["model.plan", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
-    manifest.files = hash_files(directory, [n for n in names if (directory / n).is_file()])
-    manifest.write(directory)
-    return manifest
+def copy_with(artifact: Path, directory: Path, *, profile: dict | None = None, **engine) -> Path:
+    """A copy of the artifact whose manifest has another engine profile or other engine facts."""
+    copy = shutil.copytree(artifact, directory / "artifact")
+    manifest = read_manifest(copy)
+    if profile is not None:
+        manifest.limits = {**manifest.limits, "max_batch_tokens": profile["total_tokens"][-1], "profile": profile}
+    manifest.engine.update(engine)
+    manifest.write(copy)
+    return copy
 
 
 def read_config(repo: Path, model: str):
@@ -211,14 +209,21 @@ def test_engine_batch_size_is_refused_beyond_the_token_budget(artifact, tmp_path
 # --------------------------------------------------------------------------------------------------
 
 
-def test_tensorrt_config_fits_the_bf16_onnx_and_the_profile(tensorrt_artifact, tmp_path):
-    graph = signature_from_onnx(tensorrt_artifact / "model.onnx")
+def test_tensorrt_config_fits_the_engine_and_its_profile(tensorrt_artifact, tmp_path):
+    manifest = read_manifest(tensorrt_artifact)
+    # What the build leaves: the plan, no ONNX; the manifest's graph record is what deploy checks against.
+    assert manifest.engine["format"] == "tensorrt" and manifest.engine["file"] == "model.plan"
+    assert not list(tensorrt_artifact.glob("*.onnx")) and (tensorrt_artifact / "parity.json").is_file()
+    graph = signature_from_manifest(manifest)
     assert graph.inputs["input_ids"].dtype == "int32" and graph.outputs["scores"].dtype == "float32"
     result = deploy_triton(tensorrt_artifact, DeployOptions(tmp_path / "repo", instances=2, allow_random_weights=True))
     repo = tmp_path / "repo"
-    assert result.engine_model == f"{NAME}_trt" and result.max_batch_size == 64
+    assert result.engine_model == f"{NAME}_trt" and result.max_batch_size == ENGINE_BATCH
+    assert result.tensorrt_version == manifest.engine["tensorrt_version"]
+    assert result.python_requirements == ["tokenizers>=0.20,<1"]
     assert sorted(str(p.relative_to(repo)) for p in (repo / f"{NAME}_trt").rglob("*") if p.is_file()) == [
         f"{NAME}_trt/1/model.sm90.plan", f"{NAME}_trt/config.pbtxt"]
+    assert (repo / f"{NAME}_trt/1/model.sm90.plan").read_bytes() == (tensorrt_artifact / "model.plan").read_bytes()
     config = read_config(repo, f"{NAME}_trt")
     assert config.platform == "tensorrt_plan"
     assert dict(config.cc_model_filenames) == {"9.0": "model.sm90.plan"}
@@ -229,7 +234,6 @@ def test_tensorrt_config_fits_the_bf16_onnx_and_the_profile(tensorrt_artifact, t
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("scores", 11, [1])]
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
     assert config.instance_group[0].kind == 1 and config.instance_group[0].count == 2  # KIND_GPU
-    manifest = read_manifest(tensorrt_artifact)
     profile = manifest.limits["profile"]
     assert profile["total_tokens"][2] >= config.max_batch_size * manifest.max_length
     assert profile["num_pairs_plus_1"][2] >= config.max_batch_size + 1
@@ -238,46 +242,58 @@ def test_tensorrt_config_fits_the_bf16_onnx_and_the_profile(tensorrt_artifact, t
     assert reranker.parameters["engine_model"].string_value == f"{NAME}_trt"
 
 
+def _comment(text: str) -> str:
+    """The comment lines of a config.pbtxt, joined back into prose."""
+    return " ".join(line[1:].strip() for line in text.splitlines() if line.startswith("#"))
+
+
+def test_engine_configs_say_one_pair_per_request(tensorrt_artifact, artifact, tmp_path):
+    deploy_triton(tensorrt_artifact, DeployOptions(tmp_path / "trt", allow_random_weights=True))
+    trt = _comment((tmp_path / "trt" / f"{NAME}_trt" / "config.pbtxt").read_text())
+    assert "exactly ONE (query, document) pair each, input_ids INT32 [1, L]" in trt
+    assert "cannot refuse a request of [k, L]" in trt and "Send [1, L] only" in trt
+    version = read_manifest(tensorrt_artifact).engine["tensorrt_version"]
+    assert f"The plan loads only in TensorRT {version}" in trt and "nvcr.io/nvidia/tritonserver" in trt
+    deploy_triton(artifact, DeployOptions(tmp_path / "ort", allow_random_weights=True))
+    ort = _comment((tmp_path / "ort" / f"{NAME}_ort" / "config.pbtxt").read_text())
+    assert "input_ids INT32 [1, L]" in ort and "gets a 400" in ort and "TensorRT" not in ort
+
+
+def test_deploy_says_which_container_and_driver_and_warns_on_leaking_releases(tensorrt_artifact, tmp_path, capsys):
+    for version, leaks in (("10.13.3.9", False), ("11.1.0.106", True), ("11.2.1.2", True)):
+        artifact = copy_with(tensorrt_artifact, tmp_path / version, tensorrt_version=version, ptx_version="8.4",
+                             ptx_target="sm_90a", driver_version="550.54.15", cuda_driver_version="12.4")
+        repo = tmp_path / version / "repo"
+        assert cli(["deploy", "triton", str(artifact), "--repo", str(repo), "--allow-random-weights"]) == 0
+        out, err = capsys.readouterr()
+        assert f"loads only in TensorRT {version}" in out and "nvcr.io/nvidia/tritonserver:<yy.mm>-py3" in out
+        assert "PTX ISA 8.4 for sm_90a" in out and "support CUDA 12.4 or newer" in out
+        assert ("NVIDIA/TensorRT#4849" in err) is leaks, version
+        marker = json.loads((repo / "ettin-deploy.json").read_text())
+        assert bool(marker["warnings"]) is leaks and marker["serving_notes"]
+        assert marker["tensorrt_version"] == version
+
+
 @pytest.mark.parametrize("profile, requested, message", [
     ({"total_tokens": [1, 1024, 4096], "num_pairs_plus_1": [2, 17, 65]}, 64,
-     "total_tokens max 4096 holds 32 pairs of max_length 128"),
+     f"total_tokens max 4096 holds {4096 // TRT_MAX_LENGTH} pairs of max_length {TRT_MAX_LENGTH}"),
     ({"total_tokens": [1, 2048, 8192], "num_pairs_plus_1": [2, 9, 17]}, 32, "num_pairs_plus_1 max 17 holds 16 pairs"),
     ({"total_tokens": [1, 64, 100], "num_pairs_plus_1": [2, 2, 65]}, None, "cannot hold even one full-length pair"),
     ({"total_tokens": [64, 1024, 8192], "num_pairs_plus_1": [2, 17, 65]}, None, "above a single shortest pair"),
     ({"total_tokens": [1, 2048], "num_pairs_plus_1": [2, 17, 65]}, None, "expected \\[min, opt, max\\]"),
 ])
 def test_tensorrt_profile_violations_are_refused(tensorrt_artifact, tmp_path, profile, requested, message):
-    artifact = tmp_path / "artifact"
-    shutil.copytree(tensorrt_artifact, artifact)
-    write_tensorrt_manifest(artifact, read_manifest(artifact), total_tokens=[1, 1, 1], num_pairs_plus_1=[2, 2, 2])
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    manifest["limits"]["profile"] = profile
-    manifest["limits"]["max_batch_tokens"] = profile["total_tokens"][-1]
-    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    artifact = copy_with(tensorrt_artifact, tmp_path, profile=profile)
     with pytest.raises(DeployError, match=message):
         deploy_triton(artifact, DeployOptions(tmp_path / "repo", max_batch_size=requested, allow_random_weights=True))
     assert not (tmp_path / "repo").exists()
 
 
 def test_tensorrt_derived_batch_size_fits_a_smaller_profile(tensorrt_artifact, tmp_path):
-    artifact = tmp_path / "artifact"
-    shutil.copytree(tensorrt_artifact, artifact)
-    write_tensorrt_manifest(artifact, read_manifest(artifact), total_tokens=[1, 1024, 4096 + 100],
-                            num_pairs_plus_1=[2, 17, 65])
+    artifact = copy_with(tensorrt_artifact, tmp_path,
+                         profile={"total_tokens": [1, 1024, 4096 + 100], "num_pairs_plus_1": [2, 17, 65]})
     result = deploy_triton(artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True))
-    assert result.max_batch_size == 32  # 4196 // 128
-
-
-def test_tensorrt_artifact_without_its_onnx_is_checked_against_the_manifest(tensorrt_artifact, tmp_path):
-    """A finished TensorRT build keeps the plan, not the ONNX: the manifest's graph record stands in."""
-    artifact = tmp_path / "artifact"
-    shutil.copytree(tensorrt_artifact, artifact)
-    (artifact / "model.onnx").unlink()
-    write_tensorrt_manifest(artifact, read_manifest(tensorrt_artifact), total_tokens=[1, 2048, 8192],
-                            num_pairs_plus_1=[2, 65, 65], onnx_file=None)
-    result = deploy_triton(artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True))
-    assert result.engine_model == f"{NAME}_trt" and result.max_batch_size == 64
-    assert result.tensorrt_version == "10.13.0" and result.python_requirements == ["tokenizers>=0.20,<1"]
+    assert result.max_batch_size == 4196 // TRT_MAX_LENGTH
 
 
 def test_an_unfinished_onnx_only_artifact_is_refused_with_its_finish_command(artifact, tmp_path):
@@ -291,10 +307,7 @@ def test_an_unfinished_onnx_only_artifact_is_refused_with_its_finish_command(art
 
 
 def test_tensorrt_artifact_without_compute_capability_is_refused(tensorrt_artifact, tmp_path):
-    artifact = tmp_path / "artifact"
-    shutil.copytree(tensorrt_artifact, artifact)
-    write_tensorrt_manifest(artifact, read_manifest(artifact), total_tokens=[1, 2048, 8192],
-                            num_pairs_plus_1=[2, 17, 65], compute_capability=None)
+    artifact = copy_with(tensorrt_artifact, tmp_path, compute_capability=None)
     with pytest.raises(DeployError, match="compute_capability"):
         deploy_triton(artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True))
 
@@ -318,7 +331,7 @@ def test_engine_cross_check_catches_config_mistakes(tensorrt_artifact, tmp_path,
     deploy_triton(tensorrt_artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True))
     text = (tmp_path / "repo" / f"{NAME}_trt" / "config.pbtxt").read_text()
     config = _mutated(text, old, new)
-    graph = signature_from_onnx(tensorrt_artifact / "model.onnx")
+    graph = signature_from_manifest(read_manifest(tensorrt_artifact))
     with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace("]", "\\]")):
         check_engine_config(config, graph, manifest=read_manifest(tensorrt_artifact), builds_offsets=False)
 

@@ -6,6 +6,7 @@ reason when either is missing (they never pretend)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ H100 = get_target("h100")
 REPO = Path(__file__).resolve().parents[1]
 INSTALL = "pip install tensorrt-cu12 --extra-index-url https://pypi.nvidia.com"
 HOPPER = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), "570.124.06", 12080)
+REAL_TRITON_VERSION = tb._triton_version
 
 
 def tensorrt_gpu_missing() -> str | None:
@@ -76,16 +78,20 @@ def test_profile_refuses_bad_limits_clearly(args, message):
 
 
 @pytest.fixture(scope="module")
-def bf16_graph(tmp_path_factory, tiny_checkpoint):
-    """A real bf16 export of the tiny model (4 layers: global 0 and 3, local 1 and 2)."""
+def bf16_onnx(tmp_path_factory, tiny_checkpoint):
+    """A real bf16 export of the tiny model (4 layers: global 0 and 3, local 1 and 2), as a file."""
     import torch
 
     from ettin_export.checkpoint import load_checkpoint
     from ettin_export.onnx_export import export_onnx
 
     model = load_checkpoint(str(tiny_checkpoint)).build_model(torch.float32)
-    exported = export_onnx(model, tmp_path_factory.mktemp("bf16") / "model.onnx", "bf16")
-    return onnx.load(str(exported.path))
+    return export_onnx(model, tmp_path_factory.mktemp("bf16") / "model.onnx", "bf16").path
+
+
+@pytest.fixture(scope="module")
+def bf16_graph(bf16_onnx):
+    return onnx.load(str(bf16_onnx))
 
 
 def _copy(proto):
@@ -164,6 +170,46 @@ def test_the_same_check_fails_on_a_deliberately_broken_graph(bf16_graph, breakag
         tb.check_parser_rules(broken)
 
 
+# --- standard ops routed to TensorRT's own plugin creators (ENABLE_PLUGIN_OVERRIDE, plugin_namespace) -----------
+
+
+def _first(proto, op_type):
+    return next(n for n in proto.graph.node if n.op_type == op_type)
+
+
+def test_the_exported_graph_routes_no_standard_op_to_a_tensorrt_creator(bf16_graph):
+    # The graph does hold ops that TensorRT registers creators for under the same name in namespace "":
+    # the check below is about routing, not about their absence.
+    present = {n.op_type for n in bf16_graph.graph.node} & set(tb.STANDARD_NAME_CREATORS)
+    assert present == {"ScatterElements", "Split"}
+    assert tb.PARSER_FLAGS == () and tb.builder_settings("10.15.1.29")["parser_flags"] == []
+    assert tb.plugin_routing_problems(bf16_graph, tb.PARSER_FLAGS) == []
+    assert tb.check_parser_rules(bf16_graph) == 4
+
+
+def test_the_override_flag_would_hand_scatter_elements_to_the_legacy_plugin(bf16_graph):
+    problems = tb.plugin_routing_problems(bf16_graph, ("ENABLE_PLUGIN_OVERRIDE",))
+    routed = sorted(p.split(" (")[1].split(")")[0] for p in problems)
+    assert routed == ["ScatterElements"] + ["Split"] * 4
+    assert all("ENABLE_PLUGIN_OVERRIDE" in p and "namespace ''" in p for p in problems)
+    with pytest.raises(BuildError, match="ScatterElements.*TensorRT's own ScatterElements plugin creator"):
+        tb.check_parser_rules(bf16_graph, ("ENABLE_PLUGIN_OVERRIDE",))
+
+
+@pytest.mark.parametrize(("namespace", "collides"), [("", True), ("ettin", False)])
+def test_a_standard_node_carrying_plugin_namespace_is_routed_too(bf16_graph, namespace, collides):
+    graph = _copy(bf16_graph)
+    node = _first(graph, "ScatterElements")
+    node.attribute.append(helper.make_attribute("plugin_namespace", namespace))
+    problems = tb.plugin_routing_problems(graph, tb.PARSER_FLAGS)
+    assert bool(problems) == collides, problems
+    if collides:
+        (problem,) = problems
+        assert f"{node.name} (ScatterElements): its plugin_namespace attribute" in problem
+        with pytest.raises(BuildError, match="does not meet the TensorRT parser's plugin rules"):
+            tb.check_parser_rules(graph)
+
+
 # --- plugin layers in the parsed network (TensorRT objects faked) ------------------------------------------------
 
 
@@ -209,11 +255,68 @@ def test_tensorrt_version_rules(version, plugin, aot, expected):
     assert (problem is None) if expected is None else (expected in problem)
 
 
-def test_strong_typing_is_asked_for_on_10x_and_implied_on_11x():
-    assert tb.builder_settings("10.9.0.34", has_plugin_override_flag=False)["strongly_typed_flag"] is True
-    settings = tb.builder_settings("11.1.0.106", has_plugin_override_flag=True)
-    assert settings["strongly_typed_flag"] is False and settings["strongly_typed"] is True
-    assert settings["parser_flags"] == ["ENABLE_PLUGIN_OVERRIDE"] and settings["tf32"] is False
+# --- the PTX ISA version: what the driver loads, what Triton writes, what sm_90a needs -------------------------
+
+# Driver branches as H100 machines run them, with the CUDA version their driver reports (cuDriverGetVersion).
+DRIVERS = {
+    "535.183.01": 12020, "550.54.15": 12040, "560.35.03": 12060, "565.57.01": 12070, "570.124.06": 12080,
+    "575.57.08": 12090, "580.65.06": 13000,
+}
+
+
+@pytest.mark.parametrize(("driver", "triton_default", "expected"), [
+    # triton 3.9's bundled ptxas (CUDA 13.4) writes 9.4: the driver decides
+    ("535.183.01", 94, 82), ("550.54.15", 94, 84), ("560.35.03", 94, 85), ("565.57.01", 94, 86),
+    ("570.124.06", 94, 87), ("575.57.08", 94, 88), ("580.65.06", 94, 90),
+    # an older Triton (ptxas of CUDA 12.4 writes 8.4): it decides on the newer drivers
+    ("535.183.01", 84, 82), ("570.124.06", 84, 84), ("580.65.06", 84, 84),
+])
+def test_ptx_version_is_the_lower_of_driver_and_triton(driver, triton_default, expected):
+    gpu = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), driver, DRIVERS[driver])
+    assert tb.kernel_ptx_version(gpu, "sm_90a", triton_default) == expected
+
+
+@pytest.mark.parametrize(("cuda", "message"), [
+    (11080, "supports CUDA 11.8: it loads PTX ISA up to 7.8, but sm_90a kernels need PTX ISA 8.0"),
+    (11040, "older than every PTX ISA version known here"),
+    (None, "Could not read the CUDA version"),
+])
+def test_no_ptx_version_fits_an_old_driver(cuda, message):
+    gpu = GpuInfo("NVIDIA H100 PCIe", (9, 0), "520.61.05", cuda)
+    with pytest.raises(tb.TensorRTUnavailable, match=message) as error:
+        tb.kernel_ptx_version(gpu, "sm_90a", 94)
+    assert "Install an NVIDIA driver for CUDA 12.0 or newer" in str(error.value)
+
+
+def test_a_triton_below_the_architecture_is_refused():
+    gpu = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), "570.124.06", 12080)
+    with pytest.raises(tb.TensorRTUnavailable, match=r"writes PTX ISA 7.8, below the 8.0 that sm_90a needs"):
+        tb.kernel_ptx_version(gpu, "sm_90a", 78)
+
+
+def test_the_chosen_ptx_loads_on_the_driver_it_was_chosen_for():
+    """The build's choice and the runtime's refusal read one table: never refused on its own machine,
+    always refused on the next older driver branch."""
+    from ettin_runtime.tensorrt_backend import driver_needed_for_ptx
+
+    from ettin_plugins import aot
+
+    versions = sorted(DRIVERS.values())
+    for older, cuda in zip([None, *versions], versions):
+        chosen = aot.ptx_version_text(tb.kernel_ptx_version(GpuInfo("H100", (9, 0), None, cuda), "sm_90a", 94))
+        assert driver_needed_for_ptx(chosen) <= cuda
+        assert older is None or driver_needed_for_ptx(chosen) > older
+
+
+def test_timing_cache_is_named_by_tensorrt_version_and_compute_capability(tmp_path):
+    requested = tmp_path / "1b-h100.timing.cache"
+    paths = {(v, cc): tb.timing_cache_path(requested, v, cc)
+             for v in ("10.9.0.34", "10.13.3.9", "11.1.0.106") for cc in ("9.0", "8.9")}
+    assert len(set(paths.values())) == len(paths)  # no two releases or GPU generations share a cache
+    assert all(p.parent == tmp_path and p.name.startswith("1b-h100.") and p.name.endswith(".timing.cache")
+               for p in paths.values())
+    assert paths[("10.9.0.34", "9.0")].name == "1b-h100.trt10.9.0.34-cc9.0.timing.cache"
+    assert tb.timing_cache_path(requested, "10.9.0.34", "9.0") == paths[("10.9.0.34", "9.0")]  # stable
 
 
 def test_manifest_facts_from_a_real_kernel_compile_satisfy_the_runtime_check():
@@ -223,7 +326,7 @@ def test_manifest_facts_from_a_real_kernel_compile_satisfy_the_runtime_check():
     limits = tb.engine_profile(64, 512)
     facts = tb.engine_facts(
         tensorrt_version="10.9.0.34", gpu=HOPPER, kernel=kernel, plugin_layers={"v3": 10, "v2": 0},
-        attention_nodes=10, limits=limits, settings=tb.builder_settings("10.9.0.34", has_plugin_override_flag=False),
+        attention_nodes=10, limits=limits, settings=tb.builder_settings("10.9.0.34"),
         opset=20,
     )
     assert facts["compute_capability"] == "9.0" and facts["ptx_target"] == "sm_90a"
@@ -263,7 +366,7 @@ class _FakeTensorRT(types.SimpleNamespace):
 def fake_environment(monkeypatch):
     """A machine with TensorRT 10.9, an H100, Triton, polygraphy and PyTorch-CUDA, all stand-ins."""
     state = {"trt": _FakeTensorRT(__version__="10.9.0.34"), "trtp": types.SimpleNamespace(aot_impl=object()),
-             "gpu": HOPPER, "builder": None}
+             "gpu": HOPPER, "builder": None, "triton_ptx": 94}
 
     def import_modules():
         if isinstance(state["trt"], Exception):
@@ -279,16 +382,38 @@ def fake_environment(monkeypatch):
     monkeypatch.setattr(tb, "_probe_gpu", probe)
     monkeypatch.setattr(tb, "_builder_error", lambda trt: state["builder"])
     monkeypatch.setattr(tb, "_triton_version", lambda: "3.6.0")
+    monkeypatch.setattr(tb, "_triton_default_ptx", lambda arch: state["triton_ptx"])
     monkeypatch.setattr(tb, "_check_polygraphy", lambda: None)
     monkeypatch.setattr(tb, "_torch_cuda", lambda: "torch.nn.attention.varlen")
     return state
 
 
-def test_preflight_returns_facts_when_everything_is_there(fake_environment):
+@pytest.mark.parametrize(("driver", "triton_ptx", "ptx"), [
+    ("535.183.01", 94, "8.2"), ("560.35.03", 94, "8.5"), ("570.124.06", 94, "8.7"), ("570.124.06", 84, "8.4"),
+])
+def test_preflight_chooses_the_ptx_version_for_this_driver(fake_environment, driver, triton_ptx, ptx):
+    fake_environment.update(gpu=GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), driver, DRIVERS[driver]),
+                            triton_ptx=triton_ptx)
     facts = tb.preflight(H100)
-    assert facts["tensorrt_version"] == "10.9.0.34" and facts["gpu_name"] == "NVIDIA H100 80GB HBM3"
-    assert facts["compute_capability"] == "9.0" and facts["driver_version"] == "570.124.06"
-    assert facts["cuda_driver_version"] == "12.8" and facts["triton_version"] == "3.6.0"
+    assert facts["ptx_version"] == ptx and facts["driver_version"] == driver
+    assert facts["cuda_driver_version"] == f"{DRIVERS[driver] // 1000}.{DRIVERS[driver] % 1000 // 10}"
+    assert "warnings" not in facts and facts["preflight_s"] < 1
+
+
+def test_preflight_warns_on_the_tensorrt_releases_that_leak_per_shape_change(fake_environment):
+    for version, leaks in (("11.0.0.114", False), ("11.1.0.106", True), ("11.2.1.2", True), ("11.3.0.99", False)):
+        fake_environment["trt"] = _FakeTensorRT(__version__=version)
+        warnings = tb.preflight(H100).get("warnings", [])
+        assert bool(warnings) == leaks, version
+        assert not leaks or "NVIDIA/TensorRT#4849" in warnings[0]
+
+
+def test_preflight_stops_on_a_driver_too_old_for_any_ptx(fake_environment):
+    fake_environment["gpu"] = GpuInfo("NVIDIA H100 PCIe", (9, 0), "520.61.05", 11080)
+    start = time.perf_counter()
+    with pytest.raises(tb.TensorRTUnavailable, match="need PTX ISA 8.0 or newer.*CUDA 12.0 or newer"):
+        tb.preflight(H100)
+    assert time.perf_counter() - start < 1
 
 
 @pytest.mark.parametrize(("change", "expected"), [
@@ -318,7 +443,8 @@ def test_preflight_checks_triton_then_the_build_pieces(fake_environment, monkeyp
         raise ImportError("No module named 'triton'")
 
     monkeypatch.setattr(tb, "_triton_version", no_triton)
-    with pytest.raises(tb.TensorRTUnavailable, match=r"(?s)OpenAI Triton is not installed.*pip install 'triton>=3.2'"):
+    with pytest.raises(tb.TensorRTUnavailable,
+                       match=r"(?s)OpenAI Triton is not installed.*pip install 'triton>=3.3,<3.10'"):
         tb.preflight(H100)
     monkeypatch.setattr(tb, "_triton_version", lambda: "3.6.0")
 
@@ -329,6 +455,118 @@ def test_preflight_checks_triton_then_the_build_pieces(fake_environment, monkeyp
     expected = r"(?s)here sees no CUDA device.*parity gate.*CUDA build of PyTorch"
     with pytest.raises(tb.TensorRTUnavailable, match=expected):
         tb.preflight(H100)
+
+
+@pytest.mark.parametrize("version", ["3.2.0", "3.10.0"])
+def test_preflight_refuses_a_triton_outside_the_supported_range(fake_environment, monkeypatch, version):
+    triton = pytest.importorskip("triton", reason="OpenAI Triton is not installed: pip install triton")
+    monkeypatch.setattr(tb, "_triton_version", REAL_TRITON_VERSION)  # the real check, on a stand-in version
+    monkeypatch.setattr(triton, "__version__", version)
+    with pytest.raises(tb.TensorRTUnavailable,
+                       match=rf"(?s)Triton {version} is outside the range .*pip install 'triton>=3.3,<3.10'"):
+        tb.preflight(H100)
+
+
+# --- build_engine's calls into TensorRT and polygraphy (both stand-ins that record what they are given) -------------
+
+
+class _Steps:
+    def __init__(self):
+        self.notes = []
+
+    @contextlib.contextmanager
+    def step(self, description):
+        yield
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+@pytest.fixture
+def recording_tensorrt(monkeypatch):
+    """tensorrt (whose OnnxParserFlag does have ENABLE_PLUGIN_OVERRIDE) and polygraphy's TensorRT loaders,
+    recording every call build_engine makes; the network has one plugin layer per VarlenAttention node."""
+    calls = {"parse": [], "config": [], "build": [], "register": []}
+    trt = types.SimpleNamespace(
+        __version__="10.15.1.29",
+        OnnxParserFlag=types.SimpleNamespace(ENABLE_PLUGIN_OVERRIDE="ENABLE_PLUGIN_OVERRIDE_FLAG"),
+        LayerType=types.SimpleNamespace(PLUGIN_V3="plugin_v3", PLUGIN_V2="plugin_v2"),
+    )
+
+    class Profile(dict):
+        def add(self, name, min, opt, max):  # noqa: A002 - polygraphy's names
+            self[name] = (min, opt, max)
+            return self
+
+    def network_from_onnx_path(path, flags=None, strongly_typed=False):
+        calls["parse"].append({"path": path, "flags": flags, "strongly_typed": strongly_typed})
+        return None, _Network(["matmul", "plugin_v3"] * 4), None
+
+    def create_config(**kwargs):
+        calls["config"].append(kwargs)
+        return kwargs
+
+    def engine_bytes_from_network(network, config, save_timing_cache):
+        calls["build"].append(save_timing_cache)
+        Path(save_timing_cache).write_bytes(b"timing cache")
+        return b"plan"
+
+    @contextlib.contextmanager
+    def verbosity(level):
+        yield
+
+    polygraphy = {
+        "polygraphy.backend.trt": types.SimpleNamespace(
+            CreateConfig=create_config, Profile=Profile, engine_bytes_from_network=engine_bytes_from_network,
+            network_from_onnx_path=network_from_onnx_path),
+        "polygraphy.exception": types.SimpleNamespace(PolygraphyException=type("PolygraphyError", (Exception,), {})),
+        "polygraphy.logger": types.SimpleNamespace(G_LOGGER=types.SimpleNamespace(WARNING=2, verbosity=verbosity)),
+    }
+    for name, module in polygraphy.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(tb, "_import_tensorrt_modules", lambda: (trt, None))
+    monkeypatch.setattr(tb, "_probe_gpu", lambda: HOPPER)  # a CUDA 12.8 driver
+    monkeypatch.setattr(tb, "_triton_default_ptx", lambda arch: 94)  # triton 3.9's bundled ptxas
+    monkeypatch.setattr(trt_plugin, "register", lambda target, ptx_version=None: calls["register"].append(
+        (target, ptx_version)))
+    return trt, calls
+
+
+@pytest.mark.parametrize(("version", "strongly_typed_flag"), [("10.15.1.29", True), ("11.1.0.106", False)])
+def test_build_engine_sets_no_parser_flag_and_asks_for_strong_typing_only_on_10x(
+        recording_tensorrt, bf16_onnx, tmp_path, version, strongly_typed_flag):
+    trt, calls = recording_tensorrt
+    trt.__version__ = version
+    steps = _Steps()
+    limits = tb.engine_profile(16, 200)
+    facts = tb.build_engine(bf16_onnx, tmp_path / "model.plan", limits, H100, tmp_path / "x.timing.cache", steps)
+    (parse,) = calls["parse"]
+    assert parse["flags"] is None  # no ENABLE_PLUGIN_OVERRIDE, although this TensorRT has the flag
+    assert parse["strongly_typed"] is strongly_typed_flag
+    assert facts["builder"]["parser_flags"] == [] and facts["builder"]["strongly_typed_flag"] is strongly_typed_flag
+    assert calls["config"][0]["tf32"] is False and calls["config"][0]["profiles"][0] == dict(tb.profile_shapes(limits))
+    # The plugin's aot_impl and the manifest's own compile use the one PTX ISA: 8.7 for this 12.8 driver.
+    assert calls["register"] == [("sm_90a", 87)]
+    assert facts["ptx_version"] == "8.7" and facts["ptx_target"] == "sm_90a"
+    assert (tmp_path / "model.plan").read_bytes() == b"plan" and facts["plugin_layers"] == facts["attention_nodes"] == 4
+    warned = any("NVIDIA/TensorRT#4849" in note for note in steps.notes)
+    assert warned is version.startswith("11.1")
+
+
+def test_build_engine_keeps_one_timing_cache_per_tensorrt_release_and_gpu(recording_tensorrt, bf16_onnx, tmp_path):
+    trt, calls = recording_tensorrt
+    requested = tmp_path / "x.timing.cache"
+    limits = tb.engine_profile(16, 200)
+    runs = []
+    for version in ("10.15.1.29", "10.15.1.29", "11.1.0.106"):
+        trt.__version__ = version
+        facts = tb.build_engine(bf16_onnx, tmp_path / "model.plan", limits, H100, requested, _Steps())
+        runs.append((facts["timing_cache"]["path"], facts["timing_cache"]["reused"]))
+    assert [reused for _, reused in runs] == [False, True, False]  # the 11.1 build does not read 10.15's cache
+    assert runs[0][0] == runs[1][0] != runs[2][0]
+    assert calls["build"] == [path for path, _ in runs]
+    assert [c["load_timing_cache"] for c in calls["config"]] == [path for path, _ in runs]
+    assert not requested.exists() and all("cc9.0" in path for path, _ in runs)
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
@@ -397,7 +635,7 @@ def test_engine_build_and_gate_on_the_gpu(tmp_path, tiny_checkpoint):
     assert run_build(lambda: load_checkpoint(str(tiny_checkpoint), max_length=200), options) == 0
     manifest = read_manifest(out)
     assert manifest.engine["plugin_layers"] == manifest.engine["attention_nodes"] == 4
-    assert (tmp_path / "tiny-h100.timing.cache").is_file()
+    assert (tmp_path / f"tiny-h100.trt{manifest.engine['tensorrt_version']}-cc9.0.timing.cache").is_file()
     reranker = Reranker.load(out)
     assert reranker.predict([("a query", "a document")]).dtype.name == "float32"
 
@@ -439,3 +677,17 @@ def test_selftest_attention_accuracy_runs_on_a_cpu():
     assert "pass" not in result  # no kernel ran, so no verdict
     fp32 = attention_accuracy(torch, [3, 130], -1, torch.float32, device="cpu", heads=2)
     assert fp32["pass"] and fp32["errors"]["auto"] < 1e-5
+
+
+def test_selftest_verdict_names_driver_ptx_and_tensorrt_warnings():
+    from ettin_export.selftest import CHECKS, format_verdict
+    from ettin_runtime.tensorrt_backend import tensorrt_version_warnings
+
+    warnings = tensorrt_version_warnings("11.1.0.106")
+    results = {"environment": {"gpu_name": "NVIDIA H100 80GB HBM3", "driver_version": "550.54.15",
+                               "cuda_driver_version": "12.4", "tensorrt_version": "11.1.0.106", "ptx_version": "8.4",
+                               "warnings": warnings},
+               "checks": {name: {"status": "PASS", "detail": "ok"} for name in CHECKS}, "passed": True, "seconds": 1.0}
+    verdict = format_verdict(results, H100, "17m")
+    assert "driver 550.54.15, CUDA 12.4" in verdict and "PTX ISA 8.4" in verdict
+    assert warnings and f"WARNING: {warnings[0]}" in verdict and verdict.endswith("SELFTEST PASSED (1.0 s)")

@@ -5,11 +5,13 @@ each pair), so every score can be checked. The real engine test at the end skips
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import threading
 import time
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -359,13 +361,88 @@ def test_the_backend_never_imports_torch():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
-def test_probe_without_a_driver_is_a_clear_error():
-    try:
-        gpu = tb.probe_gpu()
-    except tb.GpuUnavailable as error:
-        assert "NVIDIA" in str(error) or "CUDA" in str(error)
-        return
-    assert gpu.name and gpu.compute_capability[0] >= 1  # a machine with a GPU: real facts
+class _FakeLibcuda:
+    """libcuda.so.1 as probe_gpu calls it through ctypes: each entry point writes through its byref
+    arguments and returns a CUresult."""
+
+    def __init__(self, *, init=0, devices=1, name=b"NVIDIA H100 80GB HBM3", capability=(9, 0), version=12040):
+        self.init, self.devices, self.name, self.capability, self.version = init, devices, name, capability, version
+
+    def cuInit(self, flags):
+        return self.init
+
+    def cuGetErrorString(self, rc, text):
+        text._obj.value = {100: b"no CUDA-capable device is detected", 999: b"unknown error"}.get(rc, b"?")
+        return 0
+
+    def cuDeviceGetCount(self, count):
+        count._obj.value = self.devices
+        return 0
+
+    def cuDeviceGet(self, handle, ordinal):
+        handle._obj.value = ordinal
+        return 0
+
+    def cuDeviceGetName(self, buffer, size, handle):
+        buffer.value = self.name[: size - 1]
+        return 0
+
+    def cuDeviceGetAttribute(self, value, attribute, handle):
+        value._obj.value = {75: self.capability[0], 76: self.capability[1]}[attribute]
+        return 0
+
+    def cuDriverGetVersion(self, version):
+        version._obj.value = self.version
+        return 0
+
+
+def _with_libcuda(monkeypatch, lib):
+    real = tb.ctypes.CDLL
+
+    def load(name, *args, **kwargs):
+        if name != "libcuda.so.1":
+            return real(name, *args, **kwargs)
+        if isinstance(lib, Exception):
+            raise lib
+        return lib
+
+    monkeypatch.setattr(tb.ctypes, "CDLL", load)
+
+
+def test_probe_reads_name_capability_and_driver_version_from_libcuda(monkeypatch):
+    cuda = random.SystemRandom().choice([12020, 12040, 12060, 12080, 13000])
+    _with_libcuda(monkeypatch, _FakeLibcuda(name=b"NVIDIA H200", capability=(9, 0), version=cuda))
+    gpu = tb.probe_gpu(0)
+    assert (gpu.name, gpu.compute_capability, gpu.capability) == ("NVIDIA H200", (9, 0), "9.0")
+    assert gpu.cuda_driver_version == cuda and gpu.cuda_version == f"{cuda // 1000}.{cuda % 1000 // 10}"
+
+
+@pytest.mark.parametrize(("lib", "message"), [
+    (OSError("libcuda.so.1: cannot open shared object file"), "no NVIDIA driver here (libcuda.so.1 cannot be loaded)"),
+    (_FakeLibcuda(init=100), "refused to initialise CUDA: CUDA error 100 (no CUDA-capable device is detected)"),
+    (_FakeLibcuda(devices=0), "CUDA device 0 asked for, but the driver sees 0 device(s)"),
+])
+def test_probe_without_a_usable_driver_is_a_clear_error(monkeypatch, lib, message):
+    _with_libcuda(monkeypatch, lib)
+    with pytest.raises(tb.GpuUnavailable) as error:
+        tb.probe_gpu(0)
+    assert message in str(error.value)
+
+
+def test_loading_on_a_leaking_tensorrt_release_warns(artifact):
+    root, state = artifact
+    from ettin_runtime.manifest import read_manifest
+
+    manifest = read_manifest(root)
+    for version, leaks in (("11.1.0.106", True), ("11.2.1.2", True), ("10.9.0.34", False)):
+        manifest.engine["tensorrt_version"] = version
+        state["trt"] = fake_tensorrt(version=version)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tb.TensorRTReranker.load(root, manifest)
+        leak = [w for w in caught if "NVIDIA/TensorRT#4849" in str(w.message)]
+        assert bool(leak) == leaks, version
+        assert not leaks or issubclass(leak[0].category, RuntimeWarning)
 
 
 # --- needs TensorRT and the GPU ---------------------------------------------------------------------------------

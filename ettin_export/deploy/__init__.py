@@ -61,7 +61,7 @@ def run(args) -> int:
         "repository": str(result.path), "reranker_model": result.reranker_model, "engine_model": result.engine_model,
         "engine_backend": result.engine_backend, "max_batch_size": result.max_batch_size,
         "python_requirements": result.python_requirements, "tensorrt_version": result.tensorrt_version,
-        "server_args": result.server_args,
+        "server_args": result.server_args, "serving_notes": result.serving_notes, "warnings": result.warnings,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -72,9 +72,11 @@ def run(args) -> int:
     print(f"  {result.engine_model:<24} {result.engine_backend}: ragged input_ids, up to {result.max_batch_size} "
           "pairs per execution", file=out)
     requirements = " ".join(f"'{r}'" for r in result.python_requirements)
-    print(f"Serve it; the python models need `pip install {requirements}` in the server's Python", file=out)
-    if result.tensorrt_version:
-        print(f"and the plan needs a Triton release with TensorRT {result.tensorrt_version}:", file=out)
+    print(f"Serve it; the python models need `pip install {requirements}` in the server's Python:", file=out)
     print(f"  tritonserver --model-repository={result.path.resolve()} {' '.join(result.server_args)}", file=out)
+    for note in result.serving_notes:
+        print(f"- {note}", file=out)
+    for warning in result.warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
     print(f"Query it: TritonReranker('localhost:8000', '{result.reranker_model}').rank(query, documents)", file=out)
     return 0

@@ -46,6 +46,24 @@ ENGINE_BACKENDS = {
 }
 
 
+# What a config.pbtxt of each engine model says about its requests (its header). Triton's ModelConfig
+# cannot limit the batch size of one request, so the configs cannot refuse [k, L] themselves.
+ONE_PAIR_PER_REQUEST = (
+    "Requests: exactly ONE (query, document) pair each, input_ids INT32 [1, L] (L <= max_length); the dynamic "
+    "batcher concatenates the requests of an execution, unpadded, and cu_seqlens marks where each begins."
+)
+_CANNOT_REFUSE = (
+    "This backend cannot refuse a request of [k, L] (k padded pairs): it concatenates ragged inputs by element "
+    "count, so it would take the k x L tokens for ONE pair and hand back scores for k. Send [1, L] only; the "
+    "reranker model always does."
+)
+ENGINE_REQUEST_NOTES = {
+    "tensorrt": (ONE_PAIR_PER_REQUEST, _CANNOT_REFUSE),
+    "onnxruntime": (ONE_PAIR_PER_REQUEST, _CANNOT_REFUSE),
+    "python": (ONE_PAIR_PER_REQUEST, "A request of any other shape gets a 400 that says so."),
+}
+
+
 def plan_filename(compute_capability: str) -> str:
     """`model.sm90.plan` for "9.0": a plan only runs on the compute capability it was built for."""
     major, _, minor = str(compute_capability).partition(".")

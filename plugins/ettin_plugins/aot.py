@@ -5,15 +5,22 @@ is everything a launcher needs (TensorRT's AOT plugin, or a cuda-python / CuPy t
 name, the PTX, the declared parameters in order, and launch formulas over shape values that work on
 plain ints and on `tensorrt.plugin` shape expressions alike.
 
-TensorRT passes exactly the declared arguments (inputs, int32 extra scalars, outputs). Triton appends
-hidden trailing pointer parameters to every entry (global and profile scratch, triton >= 3.5);
-`verify_entry` proves they are never read, so leaving them unset is safe.
+The PTX handed out is rewritten from Triton's in two ways, so that it matches how TensorRT launches it:
+- TensorRT passes exactly the declared arguments (inputs, int32 extra scalars, outputs). Triton appends
+  hidden trailing pointer parameters to every entry (global and profile scratch, triton >= 3.5). The
+  compile proves the body never reads them and Triton reports no scratch memory, then removes them from
+  the `.entry`, so the entry declares exactly what TensorRT passes.
+- Triton names every entry after the Python function. Each variant (dtype, window, head dim, tiles)
+  gets its own entry name instead (`entry_name`), so no two kernels of one engine share a name.
+
+The PTX ISA version (`.version`) must be one the loading driver accepts: `ptx_version` lowers it from
+what Triton's bundled ptxas would write (the build chooses it from the driver; see
+ettin_export.tensorrt_build.kernel_ptx_version).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,6 +34,17 @@ TARGET_PRESETS = {
     "a100": 80, "a10": 86, "a10g": 86, "l4": 89, "l40s": 89,
 }
 DEFAULT_TARGET = "sm_90a"
+# The OpenAI Triton releases this compile step is written for. The floor: ASTSource's `attrs` in the
+# dict form used below ({(index,): [[name, value]]}) needs 3.3. The ceiling: every minor release so far
+# has changed something this file depends on (hidden entry parameters, where the PTX version comes
+# from), so a new one is admitted only after its PTX passed tests/test_aot.py. pyproject.toml's
+# `kernel` extra states the same range (a test keeps the two equal).
+TRITON_RANGE = ((3, 3), (3, 10))  # [lowest, first unsupported), as (major, minor)
+TRITON_REQUIREMENT = "triton>=3.3,<3.10"
+# The lowest PTX ISA version each architecture accepts (PTX ISA "Target ISA notes"; checked against
+# triton 3.9's LLVM and ptxas, which refuse one below): a lower ptx_version is refused here, because
+# LLVM aborts the whole process on it.
+MIN_PTX_FOR_ARCH = {80: 70, 86: 71, 89: 78, 90: 80}
 # A launch may use up to 48 KiB of dynamic shared memory without cuFuncSetAttribute; nothing says that
 # TensorRT raises the limit for AOT plugin kernels, so every variant offered to it stays within this.
 SHARED_MEM_LIMIT = 48 * 1024
@@ -119,14 +137,16 @@ class CompiledKernel:
     launch: LaunchFormulas
     scratch: dict = field(default_factory=dict)  # scratch sizes from Triton's metadata (must be 0)
     triton_version: str = ""
+    hidden: tuple[str, ...] = ()  # PTX types of Triton's hidden trailing parameters, removed from the entry
+    triton_name: str = ""  # the entry name Triton gave it, before renaming
 
 
 @dataclass(frozen=True)
 class EntryCheck:
     """What `verify_entry` found in the PTX .entry."""
 
-    declared: tuple[str, ...]  # PTX types of the declared (leading) parameters
-    hidden: tuple[str, ...]  # PTX types of the trailing parameters Triton added
+    declared: tuple[str, ...]  # PTX types of the entry's parameters: exactly the declared ones
+    hidden: tuple[str, ...]  # PTX types of the hidden parameters Triton had added (removed from the entry)
 
 
 class AotContractError(RuntimeError):
@@ -158,30 +178,80 @@ def parse_target(target: str | int) -> int:
     return int(match.group(1))
 
 
+def triton_version_problem(version: str) -> str | None:
+    """Why this OpenAI Triton cannot run the AOT compile (None when it can)."""
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    (low, high), wanted = TRITON_RANGE, TRITON_REQUIREMENT.removeprefix("triton")
+    if match and low <= (int(match.group(1)), int(match.group(2))) < high:
+        return None
+    return (f"OpenAI Triton {version} is outside the range the AOT compile step supports ({wanted}): older "
+            "releases lack the ASTSource interface it uses, newer ones are not yet checked for the kernel "
+            f"entry it rewrites. Install a supported one: pip install '{TRITON_REQUIREMENT}'.")
+
+
+class TritonVersionError(ImportError):
+    """The installed OpenAI Triton is outside TRITON_RANGE (an ImportError: as good as not installed)."""
+
+
 def _import_triton():
     try:
         import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
     except ImportError as exc:
         raise ImportError(
-            "The AOT compile step needs OpenAI Triton: `pip install triton` "
+            f"The AOT compile step needs OpenAI Triton: pip install '{TRITON_REQUIREMENT}' "
             "(or `pip install ettin-export[kernel]`). No GPU is needed to compile."
         ) from exc
+    problem = triton_version_problem(getattr(triton, "__version__", "(unknown version)"))
+    if problem:
+        raise TritonVersionError(problem)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     return triton, ASTSource, GPUTarget
 
 
-def _ast_source(ASTSource, fn, signature: dict, constexprs: dict, attrs: dict):
-    """ASTSource across Triton versions: 3.2 .. 3.9 take `constexprs=` by name, with constexpr
-    parameters also listed in the signature as "constexpr"."""
-    parameters = inspect.signature(ASTSource.__init__).parameters
-    if "constexprs" not in parameters:
-        import triton
+def ptx_version_text(version: int) -> str:
+    """84 -> "8.4" (Triton's integer form -> the PTX `.version` form)."""
+    return f"{version // 10}.{version % 10}"
 
-        raise RuntimeError(
-            f"triton {triton.__version__} uses the pre-3.2 ASTSource(constants=...) interface; "
-            "install triton >= 3.2 (`pip install -U triton`) for the AOT compile step."
-        )
+
+def ptx_version_number(text: str) -> int:
+    """"8.4" -> 84."""
+    major, _, minor = str(text).partition(".")
+    return int(major) * 10 + int(minor or 0)
+
+
+def min_ptx_version(target: str | int) -> int:
+    """The lowest PTX ISA version (e.g. 80) the target architecture accepts."""
+    arch = parse_target(target)
+    if arch not in MIN_PTX_FOR_ARCH:
+        raise ValueError(f"No lowest PTX ISA version is recorded for sm_{arch}; add it to MIN_PTX_FOR_ARCH "
+                         f"(known: {sorted(MIN_PTX_FOR_ARCH)}).")
+    return MIN_PTX_FOR_ARCH[arch]
+
+
+def triton_default_ptx_version(target: str | int = DEFAULT_TARGET) -> int:
+    """The PTX ISA version Triton writes for this target when not told otherwise (e.g. 94 with triton
+    3.9, whose bundled ptxas for sm_90 is CUDA 13.4): what its own compiler derives from that ptxas."""
+    _import_triton()
+    try:
+        from triton.backends.nvidia import compiler as nvidia
+
+        return int(nvidia.get_ptx_version_from_options(nvidia.CUDAOptions(), parse_target(target)))
+    except (ImportError, AttributeError, TypeError):  # a release that derives it elsewhere: ask a compile
+        return ptx_version_number(compile_varlen_attention("bf16", -1, target).ptx_version)
+
+
+def entry_name(dtype: str, window: int, head_dim: int, config: KernelConfig) -> str:
+    """The PTX entry name of one variant, unique per (dtype, window, head dim, tiles)."""
+    span = "global" if window < 0 else f"window{window}"
+    tiles = f"m{config.block_m}n{config.block_n}w{config.num_warps}s{config.num_stages}"
+    return f"ettin_varlen_attention_{dtype}_{span}_d{head_dim}_{tiles}"
+
+
+def _ast_source(ASTSource, fn, signature: dict, constexprs: dict, attrs: dict):
+    """ASTSource as triton >= 3.3 takes it: constexpr parameters are listed in the signature as
+    "constexpr" and their values passed by name."""
     full_signature = {**signature, **{name: "constexpr" for name in constexprs}}
     return ASTSource(fn, signature=full_signature, constexprs=constexprs, attrs=attrs)
 
@@ -195,15 +265,21 @@ def compile_varlen_attention(
     head_dim: int = HEAD_DIM,
     ptx_version: int | None = None,
 ) -> CompiledKernel:
-    """Compile one kernel variant (dtype, window, target, tiles) to PTX, on any machine.
+    """Compile one kernel variant (dtype, window, target, tiles) to PTX, on any machine, and rewrite its
+    entry to the launch contract: exactly the declared parameters, under `entry_name(...)`.
 
     ptx_version (e.g. 84 for PTX ISA 8.4) lowers the `.version` line for older drivers: the driver
-    that loads the PTX must support its ISA version. None keeps what the bundled ptxas supports.
+    that loads the PTX must support its ISA version. None keeps what Triton's bundled ptxas writes.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}.")
     if not isinstance(window, int) or window < -1:
         raise ValueError(f"window must be an int >= -1 (-1 = the whole pair); got {window!r}.")
+    if ptx_version is not None and ptx_version < min_ptx_version(target):
+        raise ValueError(
+            f"PTX ISA {ptx_version_text(ptx_version)} is below what sm_{parse_target(target)} accepts "
+            f"({ptx_version_text(min_ptx_version(target))}); a driver that old cannot run this GPU's kernels."
+        )
     triton, ASTSource, GPUTarget = _import_triton()
     from .kernel import SUPPORTED_HEAD_DIMS, kernel_constexprs, varlen_attention_kernel
 
@@ -226,13 +302,19 @@ def compile_varlen_attention(
         options["ptx_version"] = ptx_version
     compiled = triton.compile(source, target=GPUTarget("cuda", parse_target(target), 32), options=options)
 
-    ptx = compiled.asm["ptx"]
     metadata = compiled.metadata
     scratch = {
         key: int(getattr(metadata, key, 0) or 0) for key in ("global_scratch_size", "profile_scratch_size")
     }
+    nonzero = {key: value for key, value in scratch.items() if value}
+    if nonzero:
+        raise AotContractError(f"Triton reports scratch memory {nonzero} for this kernel; TensorRT AOT plugins "
+                               "cannot provide it (no device-side TMA descriptors, no printf in the kernel).")
+    ptx, hidden = strip_hidden_parameters(compiled.asm["ptx"], len(params))
+    name = entry_name(dtype, window, head_dim, config)
+    ptx = rename_entry(ptx, name)
     return CompiledKernel(
-        name=metadata.name,
+        name=name,
         ptx=ptx,
         ptx_version=_ptx_directive(ptx, "version"),
         target=_ptx_directive(ptx, "target"),
@@ -244,6 +326,8 @@ def compile_varlen_attention(
         launch=LaunchFormulas(config.block_m, metadata.num_warps, metadata.shared),
         scratch=scratch,
         triton_version=triton.__version__,
+        hidden=hidden,
+        triton_name=metadata.name,
     )
 
 
@@ -254,31 +338,80 @@ def _ptx_directive(ptx: str, directive: str) -> str:
     return match.group(1).split(",")[0]
 
 
-def parse_entry(ptx: str) -> tuple[str, list[tuple[str, str]]]:
-    """(entry name, [(ptx type, param name), ...]) of the single .entry in the PTX."""
-    entries = re.findall(r"\.visible\s+\.entry\s+(\w+)\s*\(([^)]*)\)", ptx)
+_ENTRY = re.compile(r"\.visible\s+\.entry\s+(\w+)\s*\(([^)]*)\)")
+_PARAM = re.compile(r"\.param\s+\.(\w+)(?:\s+\.ptr)?(?:\s+\.global)?(?:\s+\.align\s+\d+)?\s+(\w+)")
+
+
+def _single_entry(ptx: str) -> re.Match:
+    entries = list(_ENTRY.finditer(ptx))
     if len(entries) != 1:
         raise AotContractError(f"Expected exactly one .visible .entry in the PTX, found {len(entries)}.")
-    name, body = entries[0]
-    params = re.findall(r"\.param\s+\.(\w+)(?:\s+\.ptr)?(?:\s+\.global)?(?:\s+\.align\s+\d+)?\s+(\w+)", body)
-    return name, params
+    return entries[0]
+
+
+def parse_entry(ptx: str) -> tuple[str, list[tuple[str, str]]]:
+    """(entry name, [(ptx type, param name), ...]) of the single .entry in the PTX."""
+    entry = _single_entry(ptx)
+    return entry.group(1), _PARAM.findall(entry.group(2))
+
+
+def strip_hidden_parameters(ptx: str, declared: int) -> tuple[str, tuple[str, ...]]:
+    """Remove the parameters past the first `declared` from the entry, once it is proven that the body
+    never reads them; returns (the PTX, the PTX types removed). Raises AotContractError otherwise.
+
+    TensorRT passes inputs, extra scalars and outputs, nothing else; whether it tolerates an entry that
+    declares more is not documented, so the entry is made to declare exactly that."""
+    entry = _single_entry(ptx)
+    declarations = [d.strip() for d in entry.group(2).split(",") if d.strip()]
+    params = [_PARAM.search(d) for d in declarations]
+    if len(params) < declared or not all(params):
+        raise AotContractError(
+            f"PTX entry {entry.group(1)} declares {len(declarations)} parameters, which are not the {declared} "
+            "the kernel signature names followed by Triton's hidden pointers."
+        )
+    body = ptx[entry.end():]
+    hidden = [(m.group(1), m.group(2)) for m in params[declared:]]
+    for ptx_type, param_name in hidden:
+        if ptx_type not in ("u64", "b64"):
+            raise AotContractError(f"Hidden trailing parameter {param_name} is .{ptx_type}, not a pointer.")
+        if re.search(rf"\b{param_name}\b", body):
+            raise AotContractError(
+                f"The kernel body reads hidden parameter {param_name}, which TensorRT does not pass: the kernel "
+                "must not need global scratch (no device-side TMA descriptors, no printf)."
+            )
+    kept = "\n\t" + ",\n\t".join(declarations[:declared]) + "\n"
+    return ptx[: entry.start(2)] + kept + ptx[entry.end(2):], tuple(t for t, _ in hidden)
+
+
+def rename_entry(ptx: str, new_name: str) -> str:
+    """The PTX with its entry, and every reference to it (its parameters `<name>_param_<i>`, the
+    `.globl` note), renamed to `new_name`."""
+    old_name, _ = parse_entry(ptx)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", new_name):
+        raise ValueError(f"{new_name!r} is not a PTX identifier.")
+    renamed = re.sub(rf"\b{re.escape(old_name)}(?=_param_\d+\b|\b)", new_name, ptx)
+    if re.search(rf"\b{re.escape(old_name)}(?:_param_\d+)?\b", renamed) or parse_entry(renamed)[0] != new_name:
+        raise AotContractError(f"Renaming entry {old_name} to {new_name} left references to the old name.")
+    return renamed
 
 
 def verify_entry(kernel: CompiledKernel) -> EntryCheck:
     """Check that the PTX launches with the declared arguments alone, as TensorRT launches it.
 
-    - the .entry name is the kernel name, and the target is what was asked for;
-    - the declared parameters are the LEADING .entry parameters, with matching PTX types;
-    - every further (hidden) parameter is a pointer that the body never reads, and Triton reports
-      no global or profile scratch memory, so nothing depends on the values TensorRT leaves unset;
+    - the .entry is named `entry_name(...)` of this variant (and is the kernel's name);
+    - it declares exactly the kernel's parameters, in order, with matching PTX types (inputs, int32
+      scalars, outputs: what TensorRT passes), and nothing after them;
+    - Triton reports no global or profile scratch memory;
     - the shared memory fits what a plain cuLaunchKernel may use (SHARED_MEM_LIMIT).
     """
     name, entry_params = parse_entry(kernel.ptx)
-    if name != kernel.name:
-        raise AotContractError(f"PTX entry is {name!r} but the kernel name is {kernel.name!r}.")
-    if len(entry_params) < len(kernel.params):
+    expected_name = entry_name(kernel.dtype, kernel.window, kernel.head_dim, kernel.config)
+    if name != kernel.name or name != expected_name:
+        raise AotContractError(f"PTX entry is {name!r}; the kernel is {kernel.name!r} and its variant's entry name "
+                               f"is {expected_name!r}.")
+    if len(entry_params) != len(kernel.params):
         raise AotContractError(
-            f"PTX entry {name} has {len(entry_params)} parameters, fewer than the "
+            f"PTX entry {name} declares {len(entry_params)} parameters; TensorRT passes exactly the "
             f"{len(kernel.params)} declared ({[p.name for p in kernel.params]})."
         )
     for index, (param, (ptx_type, _)) in enumerate(zip(kernel.params, entry_params)):
@@ -286,17 +419,6 @@ def verify_entry(kernel: CompiledKernel) -> EntryCheck:
             raise AotContractError(
                 f"Parameter {index} ({param.name}, {param.triton_type}) is .{ptx_type} in the PTX; "
                 f"expected one of {param.ptx_types}. The kernel signature and the declared order disagree."
-            )
-    hidden = entry_params[len(kernel.params):]
-    after_entry = kernel.ptx[kernel.ptx.index(f".entry {name}"):]
-    body = after_entry[after_entry.index(")") + 1:]  # the code after the parameter list
-    for ptx_type, param_name in hidden:
-        if ptx_type not in ("u64", "b64"):
-            raise AotContractError(f"Hidden trailing parameter {param_name} is .{ptx_type}, not a pointer.")
-        if re.search(rf"\b{param_name}\b", body):
-            raise AotContractError(
-                f"The kernel body reads hidden parameter {param_name}, which TensorRT leaves unset: "
-                "the kernel must not need global scratch (no device-side TMA descriptors, no printf)."
             )
     nonzero = {key: value for key, value in kernel.scratch.items() if value}
     if nonzero:
@@ -306,5 +428,4 @@ def verify_entry(kernel: CompiledKernel) -> EntryCheck:
             f"The kernel needs {kernel.launch.shared_mem} bytes of shared memory, over the {SHARED_MEM_LIMIT} a "
             f"launch gets without cuFuncSetAttribute; use fewer stages or smaller blocks than {kernel.config}."
         )
-    return EntryCheck(declared=tuple(t for t, _ in entry_params[: len(kernel.params)]),
-                      hidden=tuple(t for t, _ in hidden))
+    return EntryCheck(declared=tuple(t for t, _ in entry_params), hidden=kernel.hidden)

@@ -19,7 +19,7 @@ _INSTALL_HINT = (
     "`pip install tensorrt-cu12 --extra-index-url https://pypi.nvidia.com` (TensorRT >= 10.9 for AOT "
     "plugins), or use an NGC TensorRT / PyTorch container. PyPI alone only has a placeholder."
 )
-_state = {"registered": False, "target": None}
+_state = {"registered": False, "target": None, "ptx_version": None}
 
 
 def offered_tactics() -> list:
@@ -115,15 +115,20 @@ def _is_defined(trtp) -> bool:
     return namespace is not None and hasattr(namespace, spec.OP_NAME)
 
 
-def register(target: Union[str, int, None] = None) -> str:
+def register(target: Union[str, int, None] = None, ptx_version: Union[int, None] = None) -> str:
     """Register the plugin with TensorRT (idempotent) and return its id.
 
     Import-and-call this before parsing the ONNX file or building the network. `target` picks the GPU
-    the PTX is compiled for (default: the current device at build time).
+    the PTX is compiled for (default: the current device at build time); `ptx_version` (e.g. 84) the PTX
+    ISA version written into it, which the driver that runs the engine must accept (default: whatever
+    Triton's bundled ptxas writes; `ettin-export build` always passes the one its preflight chose).
+    Both apply to every kernel compiled after the call.
     """
     trt, trtp = _import_tensorrt()
     if target is not None:
         _state["target"] = aot.parse_target(target)
+    if ptx_version is not None:
+        _state["ptx_version"] = int(ptx_version)
     if _state["registered"] or _is_defined(trtp):
         _state["registered"] = True
         return spec.PLUGIN_ID
@@ -151,8 +156,9 @@ def register(target: Union[str, int, None] = None) -> str:
             raise ValueError("VarlenAttention needs a static head dimension (q's last axis); it is dynamic here.")
         # Tactic 0 is TensorRT's default when no custom tactic is chosen.
         config = aot.TACTICS.get(int(tactic), aot.TACTICS[min(aot.TACTICS)])
-        kernel = aot.compile_varlen_attention(dtype_names[q.dtype], int(window), _resolve_target(), config, head_dim)
-        aot.verify_entry(kernel)
+        kernel = aot.compile_varlen_attention(dtype_names[q.dtype], int(window), _resolve_target(), config, head_dim,
+                                              _state["ptx_version"])
+        aot.verify_entry(kernel)  # exactly the parameters TensorRT passes, under this variant's own name
 
         total_tokens, num_pairs, num_heads = aot.shape_values(q.shape_expr, cu_seqlens.shape_expr)
         launch = trtp.KernelLaunchParams()

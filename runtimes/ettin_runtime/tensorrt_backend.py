@@ -27,6 +27,7 @@ import ctypes
 import re
 import sys
 import threading
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +46,24 @@ INSTALL_TENSORRT = (
 )
 INSTALL_POLYGRAPHY = "pip install polygraphy  (device buffers and the CUDA stream; pure Python over libcudart)"
 
-# PTX ISA version -> the oldest CUDA driver API version (cuDriverGetVersion) that JIT-compiles it
-# (PTX ISA release notes). Newer ISA versions than listed are not judged.
+# PTX ISA version -> the oldest CUDA driver API version (cuDriverGetVersion) that JIT-compiles it: the
+# PTX ISA release history (as cuda-python's cuda.bindings.utils copies it, through 9.1 = CUDA 13.1; 8.6
+# came with 12.7, so a 12.6 driver stops at 8.5), continued for 13.x as Triton's ptx_get_version
+# counts it (13.N -> 9.N). The build reads it backwards (highest_ptx_for_driver) to choose the ISA it
+# compiles for; the runtime forwards, to refuse a driver too old for the plan's PTX.
 PTX_ISA_MIN_DRIVER = {
     "7.8": 11080, "8.0": 12000, "8.1": 12010, "8.2": 12020, "8.3": 12030, "8.4": 12040,
-    "8.5": 12050, "8.6": 12070, "8.7": 12080, "8.8": 12090, "9.0": 13000,
+    "8.5": 12050, "8.6": 12070, "8.7": 12080, "8.8": 12090, "9.0": 13000, "9.1": 13010,
+    "9.2": 13020, "9.3": 13030, "9.4": 13040,
 }
+# TensorRT releases with a known fault for this engine, by (first, last) version inclusive. Ragged
+# serving changes the input shape on nearly every batch, so a leak per shape change is a slow outage.
+KNOWN_TENSORRT_PROBLEMS = (
+    ((11, 1, 0), (11, 2, 1),
+     "leaks a CUDA module (GPU memory) on every input-shape change of an engine with an AOT plugin, and "
+     "packed batches change shape on nearly every call (NVIDIA/TensorRT#4849, open, reported for 11.1 and "
+     "11.2.1). Build and serve with a TensorRT release outside 11.1 - 11.2.1, in matching containers."),
+)
 
 
 class EnvironmentMismatch(ArtifactError):
@@ -136,6 +149,36 @@ def _kernel_driver_version() -> str | None:
 def driver_needed_for_ptx(ptx_version: str | None) -> int | None:
     """The oldest cuDriverGetVersion that loads PTX of this ISA version, or None when unknown."""
     return PTX_ISA_MIN_DRIVER.get(str(ptx_version)) if ptx_version else None
+
+
+def highest_ptx_for_driver(cuda_driver_version: int) -> str:
+    """The newest PTX ISA version (e.g. "8.4") a driver of this cuDriverGetVersion (e.g. 12040) loads.
+    A driver newer than the table's newest entry is taken to load that entry. Raises ValueError for a
+    driver older than every entry."""
+    known = [isa for isa, needed in PTX_ISA_MIN_DRIVER.items() if needed <= cuda_driver_version]
+    if not known:
+        raise ValueError(f"a driver for CUDA {cuda_version_text(cuda_driver_version)} is older than every PTX ISA "
+                         f"version known here (the oldest, {min(PTX_ISA_MIN_DRIVER)}, needs CUDA "
+                         f"{cuda_version_text(min(PTX_ISA_MIN_DRIVER.values()))}).")
+    return max(known, key=lambda isa: tuple(int(p) for p in isa.split(".")))
+
+
+def _release(version) -> tuple[int, int, int]:
+    """"11.2.1.2" -> (11, 2, 1); "11.1" -> (11, 1, 0); stops at the first non-numeric part."""
+    parts = []
+    for piece in str(version or "").split(".")[:3]:
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def tensorrt_version_warnings(version: str | None) -> list[str]:
+    """Known faults of this TensorRT release for this engine, each with what to do (empty: none known)."""
+    if not _release(version)[0]:
+        return []
+    return [f"TensorRT {version} {problem}" for first, last, problem in KNOWN_TENSORRT_PROBLEMS
+            if first <= _release(version) <= last]
 
 
 def environment_problems(engine: dict, tensorrt_version: str, gpu: GpuInfo, *, check_driver: bool = True) -> list[str]:
@@ -415,6 +458,8 @@ class TensorRTReranker(Reranker):
         except GpuUnavailable as error:
             raise EnvironmentMismatch(f"{root} is a TensorRT engine and needs an NVIDIA GPU: {error}") from error
         check_environment(engine, trt.__version__, gpu, where=str(root), check_driver=check_driver)
+        for problem in tensorrt_version_warnings(trt.__version__):
+            warnings.warn(problem, RuntimeWarning, stacklevel=2)
         plan_path = root / engine["file"]
         session = EngineSession(trt, plan_path.read_bytes(), device=device_index, name=str(plan_path))
         declared = ProfileLimits.from_manifest(manifest.limits)

@@ -312,8 +312,9 @@ def _run_checks(args, target, workdir: Path) -> dict:
     checks["engine parity"] = {
         "status": "PASS" if parity["passed"] else "FAIL",
         "detail": (f"max |Δ| {metrics['max_abs_diff']:.3g} (bound "
-                   f"{parity['bounds'].get('max_abs_diff', float('nan')):.3g} = {target.bf16_error_ratio} x "
-                   f"{lowp.get('max_abs_diff', float('nan')):.3g}, {parity.get('reference_lowp')}); "
+                   f"{parity['bounds'].get('max_abs_diff', float('nan')):.3g} = {target.bounds.error_ratio} x "
+                   f"{lowp.get('max_abs_diff', float('nan')):.3g}, {parity.get('reference_lowp')}, against "
+                   f"{parity.get('reference')}); "
                    f"Spearman {metrics['spearman']:.5f}, top-1 {metrics['top1_agreement']:.0%}, "
                    f"top-10 {metrics['top10_overlap']:.3f}" + ("" if parity["passed"] else f"; {parity['failures']}")),
     }

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from ettin_runtime.errors import EttinError
+
 # Shared by all six sizes (ettin-models.md §2.1).
 VOCAB_SIZE = 50368
 HEAD_DIM = 64
@@ -87,16 +91,27 @@ class EttinSize:
     def head_params(self) -> int:
         return head_param_count(self.hidden)
 
+    def windows(self) -> tuple[int, ...]:
+        """Per layer: -1 for a global layer (every third from 0), else the local half-width."""
+        return tuple(-1 if layer % GLOBAL_ATTN_EVERY_N_LAYERS == 0 else LOCAL_ATTENTION // 2
+                     for layer in range(self.layers))
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token at a given pair length (2 per multiply-add): the matmuls of every
-        layer plus attention over the tokens each layer actually sees (window-limited on local layers)."""
-        h, i = self.hidden, self.intermediate
-        dense = 2 * (3 * h * h + h * h + h * 2 * i + i * h)
-        flops = 0.0
-        for layer in range(self.layers):
-            seen = seq_len if layer % GLOBAL_ATTN_EVERY_N_LAYERS == 0 else min(seq_len, LOCAL_ATTENTION + 1)
-            flops += dense + 2 * 2 * h * seen  # QK^T and PV
-        return flops
+        """Forward FLOPs per token of pairs of `seq_len` tokens (forward_flops)."""
+        return forward_flops(self.hidden, self.intermediate, self.windows(), np.array([seq_len])) / seq_len
+
+
+def forward_flops(hidden: int, intermediate: int, windows, lengths) -> float:
+    """Forward FLOPs of pairs of these lengths (2 per multiply-add): per layer Wqkv, Wo and the GeGLU MLP
+    on every token, and QK^T + PV over the keys each token sees (its whole pair on global layers, at
+    most 2 x window + 1 on local ones); the embedding lookup and the one-token head are negligible."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    dense = 2 * (4 * hidden * hidden + 3 * hidden * intermediate)
+    total = 0.0
+    for window in windows:
+        seen = lengths if window < 0 else np.minimum(lengths, 2 * window + 1)
+        total += float(np.sum(lengths * (dense + 4 * hidden * seen)))
+    return total
 
 
 def backbone_param_count(*, vocab: int, hidden: int, layers: int, intermediate: int) -> int:
@@ -125,7 +140,7 @@ SIZES: dict[str, EttinSize] = {
 }
 
 
-class UnknownSizeError(ValueError):
+class UnknownSizeError(EttinError, ValueError):
     pass
 
 

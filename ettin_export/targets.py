@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ettin_runtime.errors import EttinError
+
 
 @dataclass(frozen=True)
 class ScoreBounds:
@@ -35,6 +37,11 @@ class ScoreBounds:
 
 FP32_BOUNDS = ScoreBounds(2.0, 1e-5, "sentence-transformers CrossEncoder fp32")
 BF16_BOUNDS = ScoreBounds(1.5, 0.0, "packed PyTorch bf16 with flash attention")
+# Kernel level (flash-attention's convention): the attention kernel's error against the fp32 reference
+# within 2 x PyTorch's own bf16 attention error on the same inputs (+ a hair for ties at zero error).
+KERNEL_BOUNDS = ScoreBounds(2.0, 1e-5, "PyTorch's own bf16 attention")
+# An fp32 attention implementation against the fp32 reference, on outputs of order 1.
+FP32_OP_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,11 @@ TARGETS: dict[str, Target] = {
 }
 
 
+class UnknownTarget(EttinError, ValueError):
+    """A --target that is not one of TARGETS."""
+
+
 def get_target(name: str) -> Target:
     if name not in TARGETS:
-        raise ValueError(f"Unknown target {name!r}. Known targets: {', '.join(TARGETS)}.")
+        raise UnknownTarget(f"Unknown target {name!r}. Known targets: {', '.join(TARGETS)}.")
     return TARGETS[name]

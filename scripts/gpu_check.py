@@ -127,7 +127,7 @@ def environment(torch, entry: dict) -> None:
     except ImportError as error:
         entry["torch_varlen_attn"] = f"absent ({error})"
     entry["flash_attn_installed"] = _importable("flash_attn")
-    from ettin_export.attention import cuda_attention_implementation
+    from ettin_export.model.attention import cuda_attention_implementation
 
     entry["auto_backend_bf16"] = cuda_attention_implementation()
     entry["lengths"] = nq_like_source()
@@ -146,7 +146,7 @@ def _importable(name: str) -> bool:
 
 def nq_like_source() -> str:
     try:
-        from ettin_export import lengths
+        from ettin_export.synthetic import lengths
 
         return f"ettin_export.lengths profile nq-like: {lengths.get_profile('nq-like').description}"
     except (ImportError, AttributeError, ValueError):
@@ -159,12 +159,12 @@ def nq_like_pairs(encoder, tokenizer_file: Path, count: int, seed: int = 0) -> l
     try:
         from tokenizers import Tokenizer
 
-        from ettin_export import lengths
+        from ettin_export.synthetic import lengths
 
         return lengths.make_pairs(lengths.get_profile("nq-like"), Tokenizer.from_file(str(tokenizer_file)), count, seed)
     except (ImportError, AttributeError):
         pass
-    from ettin_export.random_checkpoint import random_sentence
+    from ettin_export.synthetic.text import random_sentence
 
     rng = random.Random(seed)
     probe = [(random_sentence(rng, 50), random_sentence(rng, 50)) for _ in range(20)]
@@ -233,9 +233,9 @@ def kernel_check(out_dir: Path, entry: dict, *, quick: bool, dry_run: bool, time
 
 
 def op_accuracy(torch, report: Report, device: str, quick: bool) -> None:
-    from ettin_export.selftest import attention_accuracy, awkward_lengths
+    from ettin_export.parity.kernel import attention_accuracy, awkward_attention_cases
 
-    cases = awkward_lengths(seed=3)
+    cases = awkward_attention_cases(seed=3)
     if quick or device != "cuda":
         cases = {k: v for k, v in cases.items() if k in ("one_token", "edges_63_64_65", "short_beside_long")}
     if device != "cuda":  # the CPU dry run: small cases only
@@ -253,14 +253,11 @@ def op_accuracy(torch, report: Report, device: str, quick: bool) -> None:
 
 def build_packed_model(torch, size: str, device: str):
     """The exact Ettin config with random weights, made directly on the device (no checkpoint)."""
-    from transformers import ModernBertConfig
-
+    from ettin_export.checkpoint.load import modernbert_config
     from ettin_export.model import HeadConfig, PackedConfig, PackedReranker, init_random_weights
-    from ettin_export.random_checkpoint import modernbert_config_dict
+    from ettin_export.synthetic.checkpoints import modernbert_config_dict
 
-    raw = modernbert_config_dict(size)
-    config = PackedConfig.from_modernbert(ModernBertConfig(**{k: v for k, v in raw.items() if k != "model_type"}),
-                                          HeadConfig())
+    config = PackedConfig.from_modernbert(modernbert_config(modernbert_config_dict(size)), HeadConfig())
     with torch.device("meta"):
         model = PackedReranker(config)
     model = model.to_empty(device=device)
@@ -277,8 +274,8 @@ def packed_throughput(torch, report: Report, size: str, encoder, pairs, device: 
 
 
 def _measure_packed(torch, size: str, encoder, pairs, device: str, quick: bool) -> dict:
-    from ettin_export.attention import attention_backend, cuda_attention_implementation
-    from ettin_export.torch_runtime import TorchReranker
+    from ettin_export.model.attention import attention_backend, cuda_attention_implementation
+    from ettin_export.model.torch_reranker import TorchReranker
     from ettin_runtime.packing import packed_batches
 
     start = time.time()
@@ -325,7 +322,7 @@ def crossencoder_throughput(torch, report: Report, size: str, pairs, device: str
 def _measure_crossencoder(torch, entry: dict, size: str, pairs, device: str, folder: Path) -> None:
     from sentence_transformers import CrossEncoder
 
-    from ettin_export.random_checkpoint import write_random_checkpoint
+    from ettin_export.synthetic.checkpoints import write_random_checkpoint
 
     start = time.time()
     layout = "sentence-transformers"
@@ -412,7 +409,7 @@ def main(argv=None) -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="ettin-gpu-check-"))  # checkpoints: never under OUT_DIR
     try:
-        from ettin_export.random_checkpoint import write_random_checkpoint
+        from ettin_export.synthetic.checkpoints import write_random_checkpoint
         from ettin_runtime.packing import PairEncoder
 
         with report.step("workload") as entry:

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from ettin_export.lengths import load_pairs
+    from ettin_export.synthetic.lengths import load_pairs
     from ettin_runtime import Reranker
 
     reranker = Reranker.load(args.artifact)
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(scratch) / "ort")
-        model_file = Path(args.artifact) / reranker.manifest.engine["file"]
+        model_file = reranker.artifact.path(reranker.artifact.engine.file)
         reranker.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
         reranker.predict(pairs[:8])
         start = time.perf_counter()

@@ -24,7 +24,7 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Tiny custom config: 4 layers (global 0 and 3), local half-window 16, max length 200."""
-    from ettin_export.random_checkpoint import write_random_checkpoint
+    from ettin_export.synthetic.checkpoints import write_random_checkpoint
 
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", None, seed=11, max_seq_length=200)
 
@@ -32,7 +32,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ettin17m_reduced(tmp_path_factory):
     """The exact 17m config at 4 layers (global 0 and 3, local 1 and 2: window 64), max length 320."""
-    from ettin_export.random_checkpoint import write_random_checkpoint
+    from ettin_export.synthetic.checkpoints import write_random_checkpoint
 
     return write_random_checkpoint(
         tmp_path_factory.mktemp("e17m") / "ckpt", "17m", seed=5, num_layers=4, max_seq_length=320
@@ -42,7 +42,7 @@ def ettin17m_reduced(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, tiny_checkpoint):
     """An fp32 CPU artifact of the tiny checkpoint, built through the real `build` path."""
-    from ettin_export.build import BuildOptions, run_build
+    from ettin_export.pipeline import BuildOptions, run_build
     from ettin_export.checkpoint import load_checkpoint
     from ettin_export.targets import get_target
 

@@ -61,7 +61,7 @@ def _config(tokenizer, *, hidden: int, layers: int, heads: int, intermediate: in
 
 
 def _spread_pairs(seed: int, count: int = 48) -> list[tuple[str, str]]:
-    from ettin_export.pairs import random_sentence
+    from ettin_export.synthetic.text import random_sentence
 
     rng = random.Random(seed)
     return [(random_sentence(rng, rng.randint(2, 12)), random_sentence(rng, rng.randint(5, 150))) for _ in range(count)]

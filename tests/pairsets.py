@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from ettin_export.random_checkpoint import random_sentence
+from ettin_export.synthetic.lengths import AWKWARD_LENGTHS
+from ettin_export.synthetic.text import random_sentence
 
-AWKWARD_LENGTHS = (3, 4, 63, 64, 65, 127, 128, 129, 130, 513)
 
 
 def parity_pairs(encoder, seed: int, count: int = 220, max_words: int = 700) -> list[tuple[str, str]]:

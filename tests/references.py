@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ettin_export.checkpoint import load_checkpoint
 from ettin_export.parity import BoundCheck, References, check_bound
-from ettin_export.reference import fp32_references
+from ettin_export.parity.references import fp32_references
 from ettin_export.targets import FP32_BOUNDS
 from ettin_runtime.packing import PairEncoder
 

@@ -9,14 +9,15 @@ import threading
 import numpy as np
 import pytest
 
-from ettin_export.build import BuildError, BuildOptions, run_build
+from ettin_export.pipeline import BuildError, BuildOptions, run_build
 from ettin_export.checkpoint import load_checkpoint
 from ettin_export.cli import main
-from ettin_export.random_checkpoint import random_pairs, random_sentence, write_random_checkpoint
+from ettin_export.synthetic.checkpoints import write_random_checkpoint
+from ettin_export.synthetic.text import random_pairs, random_sentence
 from ettin_export.targets import get_target
-from ettin_export.torch_runtime import TorchReranker
+from ettin_export.model.torch_reranker import TorchReranker
 from ettin_runtime import Reranker
-from ettin_runtime.manifest import ArtifactError, read_manifest
+from ettin_runtime import Artifact, ArtifactError
 
 from .references import assert_fp32_parity, references_for
 
@@ -26,23 +27,27 @@ def _copy(artifact, tmp_path):
 
 
 def test_manifest_records_what_every_stage_needs(tiny_artifact):
-    manifest = read_manifest(tiny_artifact)
-    assert manifest.format_version == 1 and manifest.target == "cpu" and manifest.precision == "fp32"
-    assert manifest.engine["format"] == "onnx" and manifest.engine["file"] == "model.onnx"
-    assert manifest.engine["opset"] == 20 and manifest.engine["onnxruntime_version"]
-    assert manifest.source["random_weights"] is True and len(manifest.source["weights_sha256"]) == 64
-    assert manifest.max_length == 200 and manifest.score_activation == "identity"
-    assert set(manifest.files) == {"model.onnx", "tokenizer.json", "tokenizer_config.json"}
-    assert [i["name"] for i in manifest.inputs] == ["input_ids", "cu_seqlens"]
-    assert manifest.parity["passed"] and manifest.parity["anchor_precision"] == "fp64"
-    assert manifest.parity["max_abs_diff"] <= manifest.parity["max_abs_bound"]
+    artifact = Artifact.open(tiny_artifact)
+    assert artifact.format_version == 1 and artifact.target == "cpu" and artifact.precision == "fp32"
+    assert artifact.engine.format == "onnx" and artifact.engine.file == "model.onnx"
+    assert artifact.engine.runtime == "onnxruntime" and artifact.engine.tensorrt is None
+    assert artifact.engine.opset == 20 and artifact.engine.onnxruntime_version
+    assert artifact.source.random_weights is True and len(artifact.source.weights_sha256) == 64
+    assert artifact.max_length == 200 and artifact.score_activation == "identity"
+    assert set(artifact.files) == {"model.onnx", "tokenizer.json", "tokenizer_config.json"}
+    assert [i.name for i in artifact.inputs] == ["input_ids", "cu_seqlens"]
+    assert artifact.limits.profile is None and artifact.limits.max_batch_pairs >= 1
+    assert artifact.parity.passed and artifact.parity.figures["anchor_precision"] == "fp64"
+    assert artifact.parity.max_abs_diff <= artifact.parity.max_abs_bound
+    # the JSON form round-trips: what is written is what every reader gets
+    assert Artifact.from_json(json.loads((tiny_artifact / "manifest.json").read_text()), tiny_artifact) == artifact
     report = json.loads((tiny_artifact / "parity.json").read_text())
     assert report["passed"] and report["metrics"]["queries"] == 2
     # the bound is DESIGN.md's: 2 x CrossEncoder's own fp32 error against the fp64 anchor + 1e-5
     own = report["reference_lowp_metrics"]["max_abs_diff"]
     assert report["reference_lowp"].startswith("sentence-transformers CrossEncoder fp32") and own > 0
     assert report["bounds"]["max_abs_diff"] == pytest.approx(2 * own + 1e-5)
-    assert manifest.parity["candidate_vs_reference_lowp_max_abs_diff"] == pytest.approx(
+    assert artifact.parity.figures["candidate_vs_reference_lowp_max_abs_diff"] == pytest.approx(
         report["candidate_vs_reference_lowp"]["max_abs_diff"])
 
 
@@ -80,7 +85,7 @@ def test_batches_over_the_token_budget_are_split(tiny_artifact):
 
 
 def test_runtime_is_safe_to_share_between_threads(tiny_artifact):
-    runtime = Reranker.load(tiny_artifact, intra_op_threads=1)
+    runtime = Reranker.load(tiny_artifact, threads=1)
     work = [random_pairs(15, seed=s, document_words=(0, 120)) for s in range(8)]
     expected = [runtime.predict(pairs) for pairs in work]
     results = [None] * len(work)
@@ -129,12 +134,8 @@ def test_newer_format_and_garbage_manifest_are_refused(tiny_artifact, tmp_path):
 
 
 def test_precision_the_runtime_cannot_run_is_refused(tiny_artifact, tmp_path):
-    from ettin_runtime.manifest import Manifest
-
     artifact = _copy(tiny_artifact, tmp_path)
-    manifest = read_manifest(artifact)
-    manifest.precision = "bf16"
-    Manifest.write(manifest, artifact)
+    Artifact.open(artifact).replace(precision="bf16").write()
     with pytest.raises(ArtifactError, match="is a bf16 graph .* runs fp32 graphs only"):
         Reranker.load(artifact)
 
@@ -158,12 +159,12 @@ def test_build_refuses_to_overwrite_and_keeps_the_old_artifact(tiny_artifact, ti
 
 def test_force_replaces_after_success(tiny_artifact, tiny_checkpoint, tmp_path):
     out = _copy(tiny_artifact, tmp_path)
-    old_created = read_manifest(out).created_at
+    old_created = Artifact.open(out).created_at
     options = BuildOptions(out=out, target=get_target("cpu"), max_length=120, parity_queries=1, quiet=True,
                            force=True, check_crossencoder=False)
     assert run_build(lambda: load_checkpoint(str(tiny_checkpoint), max_length=120), options) == 0
-    manifest = read_manifest(out)
-    assert manifest.max_length == 120 and manifest.created_at >= old_created
+    artifact = Artifact.open(out)
+    assert artifact.max_length == 120 and artifact.created_at >= old_created
     assert not list(tmp_path.glob(".copy.*")), "no staging or backup folders left behind"
 
 

@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-from ettin_export.attention import _length_buckets, reference_varlen_attention
+from ettin_export.model.attention import _length_buckets, reference_varlen_attention
 
 
 def naive_attention(q, k, v, cu_seqlens, window):

@@ -10,8 +10,8 @@ import random
 import numpy as np
 import pytest
 
-from ettin_export import lengths
-from ettin_export.random_checkpoint import train_tokenizer
+from ettin_export.synthetic import lengths
+from ettin_export.synthetic.checkpoints import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +69,29 @@ def test_bench_module_imports_nothing_heavy():
     import subprocess
     import sys
 
-    code = "import sys, ettin_export.bench; print(any(m in sys.modules for m in ('torch', 'onnx', 'onnxruntime')))"
+    code = "import sys, ettin_export.commands.bench; print(any(m in sys.modules for m in ('torch', 'onnx', 'onnxruntime')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
 
-def test_model_flops_match_sizes_flops_per_token():
-    from ettin_export import bench, sizes
+def test_forward_flops_count_window_limited_attention():
+    """2 FLOPs per multiply-add, counted by hand for one global and one local layer (window 2: a token
+    sees at most 5 keys), at lengths inside and beyond the window; an Ettin size's per-token figure
+    is the same count."""
+    from ettin_export import sizes
 
+    h, i = 8, 12
+    dense = 2 * (3 * h * h + h * h + 2 * h * i + i * h)  # Wqkv, Wo, GeGLU Wi (2 x i), Wo
+    for length in (3, 5, 40):
+        attention = 2 * 2 * h * length + 2 * 2 * h * min(length, 5)  # QK^T and PV, global + local
+        expected = length * (2 * dense) + length * attention
+        assert sizes.forward_flops(h, i, (-1, 2), [length]) == expected
+    assert sizes.forward_flops(h, i, (-1, 2), [3, 40]) == sizes.forward_flops(h, i, (-1, 2), [3]) + \
+        sizes.forward_flops(h, i, (-1, 2), [40])
     spec = sizes.get_size("17m")
-    model = {"hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
-             "windows": [-1 if i in spec.global_layers() else 64 for i in range(spec.layers)]}
-    for length in (50, 300):
-        assert bench.model_flops(model, np.array([length])) == pytest.approx(length * spec.flops_per_token(length))
+    assert spec.flops_per_token(300) * 300 == pytest.approx(
+        sizes.forward_flops(spec.hidden, spec.intermediate, spec.windows(), [300]))
+    assert spec.windows() == tuple(-1 if layer in spec.global_layers() else 64 for layer in range(spec.layers))
 
 
 @pytest.mark.parametrize("order", ["as written", "reversed", "shuffled"])
@@ -89,7 +99,7 @@ def test_gpu_peak_lookup_takes_the_most_specific_entry_for_each_card(monkeypatch
     """Every entry of the table is found from a device name that contains it, even where a shorter entry
     matches the same name (the H100 PCIe is not given the H100 SXM figures, an L40S not the L4's), in
     whatever order the table lists them; a card the table lacks gets None; --peak-tflops always wins."""
-    from ettin_export import bench
+    from ettin_export.bench import measure as bench
 
     rng = random.Random()
     table = dict(bench.GPU_PEAK_TFLOPS)
@@ -115,9 +125,9 @@ def test_gpu_peak_lookup_takes_the_most_specific_entry_for_each_card(monkeypatch
 @pytest.fixture(scope="module")
 def tiny_artifact(tmp_path_factory):
     """A tiny random checkpoint (4 layers, hidden 64) built to an fp32 ONNX artifact."""
-    from ettin_export.build import BuildOptions, run_build
+    from ettin_export.pipeline import BuildOptions, run_build
     from ettin_export.checkpoint import load_checkpoint
-    from ettin_export.random_checkpoint import write_random_checkpoint
+    from ettin_export.synthetic.checkpoints import write_random_checkpoint
     from ettin_export.targets import get_target
 
     root = tmp_path_factory.mktemp("bench")
@@ -167,10 +177,10 @@ def test_bench_refuses_fewer_than_five_runs(tiny_artifact, capsys):
 
 
 def test_bench_warns_when_other_processes_load_the_machine(tiny_artifact, monkeypatch, capsys):
-    from ettin_export import bench
+    from ettin_export.bench import measure
     from ettin_export.cli import main
 
-    monkeypatch.setattr(bench, "LOADED_CORES", -1.0)  # every round counts as loaded
+    monkeypatch.setattr(measure, "LOADED_CORES", -1.0)  # every round counts as loaded
     artifact, checkpoint = tiny_artifact
     args = ["bench", str(artifact), "--reference", str(checkpoint), "--pairs", "16", "--runs", "5",
             "--timing", "inside", "--max-retries", "1", "--json", "--quiet"]

@@ -18,28 +18,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ettin_export.build import BuildOptions, EngineHooks, run_build
+from ettin_export.pipeline import BuildOptions, EngineHooks, run_build
 from ettin_export.checkpoint import load_checkpoint
 from ettin_export.targets import get_target
-from ettin_runtime.base import Reranker
-from ettin_runtime.manifest import MANIFEST_NAME, read_manifest
+from ettin_runtime import Artifact, PackedBatchReranker
+from ettin_runtime.artifact import MANIFEST_NAME
 from ettin_runtime.packing import PairEncoder
 
 H100 = get_target("h100")
 STAND_IN = "ONNX Runtime CPU stand-in (widened bf16 graph)"
 
 
-class StandInEngine(Reranker):
+class StandInEngine(PackedBatchReranker):
     """What the gate sees as the engine: the plan file holds the widened bf16 graph; `shift` adds an
     injected error to every score."""
 
-    def __init__(self, artifact: Path, manifest, shift: float):
+    def __init__(self, artifact: Artifact, shift: float):
         import onnxruntime
 
-        super().__init__(PairEncoder.from_dir(artifact, manifest.max_length),
-                         max_batch_tokens=manifest.limits["max_batch_tokens"],
-                         max_batch_pairs=manifest.limits["max_batch_pairs"])
-        model = (artifact / manifest.engine["file"]).read_bytes()
+        super().__init__(PairEncoder.from_dir(artifact.root, artifact.max_length),
+                         max_batch_tokens=artifact.limits.max_batch_tokens,
+                         max_batch_pairs=artifact.limits.max_batch_pairs)
+        model = artifact.path(artifact.engine.file).read_bytes()
         self.session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
         self.shift = shift
 
@@ -49,8 +49,8 @@ class StandInEngine(Reranker):
 
 
 def stand_in_hooks(shift: float = 0.0, calls: list | None = None) -> EngineHooks:
-    from ettin_export import tensorrt_build
-    from ettin_export.reference import bf16_references
+    from ettin_export.engine import tensorrt as tensorrt_build
+    from ettin_export.parity.references import bf16_references
 
     calls = [] if calls is None else calls
 
@@ -61,7 +61,7 @@ def stand_in_hooks(shift: float = 0.0, calls: list | None = None) -> EngineHooks
     def build_engine(onnx_path, plan_path, limits, target, timing_cache, steps):
         import onnx
 
-        from ettin_export.validate import bf16_as_fp32
+        from ettin_export.graph.validate import bf16_as_fp32
 
         calls.append("build_engine")
         proto = onnx.load(str(onnx_path), load_external_data=False)
@@ -69,11 +69,11 @@ def stand_in_hooks(shift: float = 0.0, calls: list | None = None) -> EngineHooks
         Path(plan_path).write_bytes(bf16_as_fp32(proto, Path(onnx_path).parent).SerializeToString())
         return {"tensorrt_version": "none (stand-in)", "compute_capability": "9.0", "ptx_version": None,
                 "gpu_name": STAND_IN, "plugin_layers": nodes, "attention_nodes": nodes,
-                "profile": limits["profile"], "timing_cache": {"path": str(timing_cache)}}
+                "timing_cache": {"path": str(timing_cache)}}
 
-    def load_runtime(artifact, manifest):
+    def load_runtime(artifact):
         calls.append("load_runtime")
-        return StandInEngine(Path(artifact), manifest, shift)
+        return StandInEngine(artifact, shift)
 
     def references(checkpoint, pairs, encoder, anchor):
         calls.append("references")
@@ -104,13 +104,14 @@ def test_gate_passes_the_widened_bf16_graph_and_publishes_with_its_report(passed
     out, status, calls = passed_build
     assert status == 0
     assert calls == ["preflight", "build_engine", "load_runtime", "references"]
-    manifest = read_manifest(out)
-    assert manifest.engine["format"] == "tensorrt" and manifest.engine["file"] == "model.plan"
-    assert manifest.target == "h100" and manifest.precision == "bf16"
-    assert manifest.engine["plugin_layers"] == manifest.engine["attention_nodes"] == 4
-    assert manifest.limits["profile"]["num_pairs_plus_1"] == [2, 17, 17]
+    artifact = Artifact.open(out)
+    assert artifact.engine.format == "tensorrt" and artifact.engine.file == "model.plan"
+    assert artifact.engine.runtime == "tensorrt" and artifact.target == "h100" and artifact.precision == "bf16"
+    assert artifact.engine.tensorrt.plugin_layers == artifact.engine.tensorrt.attention_nodes == 4
+    assert artifact.limits.profile.pairs == (1, 16, 16) and artifact.limits.max_batch_pairs == 16
+    assert json.loads((out / "manifest.json").read_text())["limits"]["profile"]["num_pairs_plus_1"] == [2, 17, 17]
     report = json.loads((out / "parity.json").read_text())
-    assert report["passed"] and manifest.parity["passed"]
+    assert report["passed"] and artifact.parity.passed
     assert report["candidate"] == f"tensorrt bf16 ({STAND_IN})"
     assert report["reference"].startswith("packed PyTorch fp64") and report["anchor_precision"] == "fp64"
     assert report["reference_lowp"].startswith("packed PyTorch bf16 (CPU")

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from ettin_export.checkpoint import CheckpointError, load_checkpoint, open_source
-from ettin_export.random_checkpoint import random_pairs, write_random_checkpoint
-from ettin_export.torch_runtime import TorchReranker
+from ettin_export.synthetic.checkpoints import write_random_checkpoint
+from ettin_export.synthetic.text import random_pairs
+from ettin_export.model.torch_reranker import TorchReranker
 from ettin_runtime.packing import PairEncoder, pack
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from ettin_export.checkpoint import random_checkpoint_dir
 from ettin_export.cli import main
-from ettin_export.random_checkpoint import random_pairs
-from ettin_export.torch_runtime import TorchReranker
+from ettin_export.synthetic.text import random_pairs
+from ettin_export.model.torch_reranker import TorchReranker
 
 
 def _write_pairs(path, pairs):

@@ -25,13 +25,14 @@ from ettin_export.cli import main as cli
 from ettin_export.deploy.checks import (
     DeployError,
     check_engine_config,
-    signature_from_manifest,
+    signature_from_artifact,
     signature_from_onnx,
 )
 from ettin_export.deploy.repository import DeployOptions, deploy_triton
 from ettin_export.deploy.schema import ConfigError, parse_config
-from ettin_runtime.manifest import read_manifest
-from .tritonserver import load_harness, server_env_or_skip
+from ettin_runtime import Artifact
+from ettin_runtime.errors import EttinError
+from .tritonserver import harness, server_env_or_skip
 
 MAX_LENGTH = 128
 TRT_MAX_LENGTH = 200  # the TensorRT artifact's: the length the gate's own tests build at (tests/test_build_gate.py)
@@ -42,7 +43,6 @@ NAME = "ettin_reranker"
 TOLERANCE = 1e-4
 
 
-harness = load_harness()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def tensorrt_artifact(tiny_checkpoint, tmp_path_factory):
     """A TensorRT artifact as `build --target h100` writes it (files, manifest, parity report), made by the
     real build path with the engine steps injected (tests/test_build_gate.py's stand-in hooks: the "plan"
     holds the widened bf16 graph). Only the deploy side reads it; nothing here runs a plan."""
-    from ettin_export.build import run_build
+    from ettin_export.pipeline import run_build
     from ettin_export.checkpoint import load_checkpoint
 
     from .test_build_gate import options_for, stand_in_hooks
@@ -96,11 +96,11 @@ def tensorrt_artifact(tiny_checkpoint, tmp_path_factory):
 def copy_with(artifact: Path, directory: Path, *, profile: dict | None = None, **engine) -> Path:
     """A copy of the artifact whose manifest has another engine profile or other engine facts."""
     copy = shutil.copytree(artifact, directory / "artifact")
-    manifest = read_manifest(copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
     if profile is not None:
-        manifest.limits = {**manifest.limits, "max_batch_tokens": profile["total_tokens"][-1], "profile": profile}
-    manifest.engine.update(engine)
-    manifest.write(copy)
+        manifest["limits"] = {"profile": profile}
+    manifest["engine"].update(engine)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     return copy
 
 
@@ -139,7 +139,7 @@ def test_the_repository_is_self_contained(artifact, repository):
     assert marker["engine_model"] == f"{NAME}_ort" and marker["max_batch_size"] == ENGINE_BATCH
     assert marker["server_args"] == [f"--backend-config=python,thread-pool-size={ENGINE_BATCH}"]
     assert marker["python_requirements"] == ["tokenizers>=0.20,<1", "onnxruntime>=1.17"]
-    assert marker["files"][f"{NAME}_ort/1/model.onnx"] == read_manifest(artifact).files["model.onnx"]
+    assert marker["files"][f"{NAME}_ort/1/model.onnx"] == Artifact.open(artifact).files["model.onnx"]
 
 
 def test_cpu_configs_parse_and_fit_the_onnx_graph(artifact, repository):
@@ -150,7 +150,7 @@ def test_cpu_configs_parse_and_fit_the_onnx_graph(artifact, repository):
     assert not engine.batch_input  # the python backend gets none: its model.py builds cu_seqlens
     assert [(o.name, list(o.dims)) for o in engine.output] == [("scores", [1])]
     assert engine.dynamic_batching.max_queue_delay_microseconds == QUEUE_DELAY_US
-    check_engine_config(engine, signature_from_onnx(artifact / "model.onnx"), manifest=read_manifest(artifact),
+    check_engine_config(engine, signature_from_onnx(artifact / "model.onnx"), artifact=Artifact.open(artifact),
                         builds_offsets=True)
 
     reranker = read_config(repository, NAME)
@@ -175,7 +175,7 @@ def test_onnxruntime_backend_variant_uses_batch_inputs(artifact, tmp_path):
     assert (list(batch_input.target_name), list(batch_input.source_input)) == (["cu_seqlens"], ["input_ids"])
     assert batch_input.kind == 2 and batch_input.data_type == 8  # ACCUMULATED_ELEMENT_COUNT_WITH_ZERO, INT32
     assert config.instance_group[0].count == 3 and config.instance_group[0].kind == 2  # KIND_CPU
-    check_engine_config(config, signature_from_onnx(artifact / "model.onnx"), manifest=read_manifest(artifact),
+    check_engine_config(config, signature_from_onnx(artifact / "model.onnx"), artifact=Artifact.open(artifact),
                         builds_offsets=False)
 
 
@@ -210,16 +210,16 @@ def test_engine_batch_size_is_refused_beyond_the_token_budget(artifact, tmp_path
 
 
 def test_tensorrt_config_fits_the_engine_and_its_profile(tensorrt_artifact, tmp_path):
-    manifest = read_manifest(tensorrt_artifact)
+    manifest = Artifact.open(tensorrt_artifact)
     # What the build leaves: the plan, no ONNX; the manifest's graph record is what deploy checks against.
-    assert manifest.engine["format"] == "tensorrt" and manifest.engine["file"] == "model.plan"
+    assert manifest.engine.format == "tensorrt" and manifest.engine.file == "model.plan"
     assert not list(tensorrt_artifact.glob("*.onnx")) and (tensorrt_artifact / "parity.json").is_file()
-    graph = signature_from_manifest(manifest)
+    graph = signature_from_artifact(manifest)
     assert graph.inputs["input_ids"].dtype == "int32" and graph.outputs["scores"].dtype == "float32"
     result = deploy_triton(tensorrt_artifact, DeployOptions(tmp_path / "repo", instances=2, allow_random_weights=True))
     repo = tmp_path / "repo"
     assert result.engine_model == f"{NAME}_trt" and result.max_batch_size == ENGINE_BATCH
-    assert result.tensorrt_version == manifest.engine["tensorrt_version"]
+    assert result.tensorrt_version == manifest.engine.tensorrt.tensorrt_version
     assert result.python_requirements == ["tokenizers>=0.20,<1"]
     assert sorted(str(p.relative_to(repo)) for p in (repo / f"{NAME}_trt").rglob("*") if p.is_file()) == [
         f"{NAME}_trt/1/model.sm90.plan", f"{NAME}_trt/config.pbtxt"]
@@ -234,10 +234,10 @@ def test_tensorrt_config_fits_the_engine_and_its_profile(tensorrt_artifact, tmp_
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("scores", 11, [1])]
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
     assert config.instance_group[0].kind == 1 and config.instance_group[0].count == 2  # KIND_GPU
-    profile = manifest.limits["profile"]
-    assert profile["total_tokens"][2] >= config.max_batch_size * manifest.max_length
-    assert profile["num_pairs_plus_1"][2] >= config.max_batch_size + 1
-    check_engine_config(config, graph, manifest=manifest, builds_offsets=False)
+    profile = manifest.limits.profile
+    assert profile.max_tokens >= config.max_batch_size * manifest.max_length
+    assert profile.max_pairs >= config.max_batch_size
+    check_engine_config(config, graph, artifact=manifest, builds_offsets=False)
     reranker = read_config(repo, NAME)
     assert reranker.parameters["engine_model"].string_value == f"{NAME}_trt"
 
@@ -252,7 +252,7 @@ def test_engine_configs_say_one_pair_per_request(tensorrt_artifact, artifact, tm
     trt = _comment((tmp_path / "trt" / f"{NAME}_trt" / "config.pbtxt").read_text())
     assert "exactly ONE (query, document) pair each, input_ids INT32 [1, L]" in trt
     assert "cannot refuse a request of [k, L]" in trt and "Send [1, L] only" in trt
-    version = read_manifest(tensorrt_artifact).engine["tensorrt_version"]
+    version = Artifact.open(tensorrt_artifact).engine.tensorrt.tensorrt_version
     assert f"The plan loads only in TensorRT {version}" in trt and "nvcr.io/nvidia/tritonserver" in trt
     deploy_triton(artifact, DeployOptions(tmp_path / "ort", allow_random_weights=True))
     ort = _comment((tmp_path / "ort" / f"{NAME}_ort" / "config.pbtxt").read_text())
@@ -262,7 +262,7 @@ def test_engine_configs_say_one_pair_per_request(tensorrt_artifact, artifact, tm
 def test_deploy_says_which_container_and_driver_and_warns_on_leaking_releases(tensorrt_artifact, tmp_path, capsys):
     for version, leaks in (("10.13.3.9", False), ("11.1.0.106", True), ("11.2.1.2", True)):
         artifact = copy_with(tensorrt_artifact, tmp_path / version, tensorrt_version=version, ptx_version="8.4",
-                             ptx_target="sm_90a", driver_version="550.54.15", cuda_driver_version="12.4")
+                             ptx_target="sm_90a", driver_version="550.54.15", cuda_driver_version=12040)
         repo = tmp_path / version / "repo"
         assert cli(["deploy", "triton", str(artifact), "--repo", str(repo), "--allow-random-weights"]) == 0
         out, err = capsys.readouterr()
@@ -276,15 +276,15 @@ def test_deploy_says_which_container_and_driver_and_warns_on_leaking_releases(te
 
 @pytest.mark.parametrize("profile, requested, message", [
     ({"total_tokens": [1, 1024, 4096], "num_pairs_plus_1": [2, 17, 65]}, 64,
-     f"total_tokens max 4096 holds {4096 // TRT_MAX_LENGTH} pairs of max_length {TRT_MAX_LENGTH}"),
-    ({"total_tokens": [1, 2048, 8192], "num_pairs_plus_1": [2, 9, 17]}, 32, "num_pairs_plus_1 max 17 holds 16 pairs"),
+     f"the profile's max_batch_tokens 4096 holds {4096 // TRT_MAX_LENGTH} pairs of max_length {TRT_MAX_LENGTH}"),
+    ({"total_tokens": [1, 2048, 8192], "num_pairs_plus_1": [2, 9, 17]}, 32, "the profile's max_batch_pairs is 16"),
     ({"total_tokens": [1, 64, 100], "num_pairs_plus_1": [2, 2, 65]}, None, "cannot hold even one full-length pair"),
     ({"total_tokens": [64, 1024, 8192], "num_pairs_plus_1": [2, 17, 65]}, None, "above a single shortest pair"),
     ({"total_tokens": [1, 2048], "num_pairs_plus_1": [2, 17, 65]}, None, "expected \\[min, opt, max\\]"),
 ])
 def test_tensorrt_profile_violations_are_refused(tensorrt_artifact, tmp_path, profile, requested, message):
     artifact = copy_with(tensorrt_artifact, tmp_path, profile=profile)
-    with pytest.raises(DeployError, match=message):
+    with pytest.raises(EttinError, match=message):  # DeployError, or ArtifactError for a malformed profile
         deploy_triton(artifact, DeployOptions(tmp_path / "repo", max_batch_size=requested, allow_random_weights=True))
     assert not (tmp_path / "repo").exists()
 
@@ -299,16 +299,16 @@ def test_tensorrt_derived_batch_size_fits_a_smaller_profile(tensorrt_artifact, t
 def test_an_unfinished_onnx_only_artifact_is_refused_with_its_finish_command(artifact, tmp_path):
     unfinished = tmp_path / "artifact"
     shutil.copytree(artifact, unfinished)
-    manifest = read_manifest(unfinished)
-    manifest.engine.update(complete=False, finish_command="ettin-export build CKPT --target h100 --force")
-    manifest.write(unfinished)
+    manifest = json.loads((unfinished / "manifest.json").read_text())
+    manifest["engine"].update(complete=False, finish_command="ettin-export build CKPT --target h100 --force")
+    (unfinished / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DeployError, match="unfinished.*--target h100 --force"):
         deploy_triton(unfinished, DeployOptions(tmp_path / "repo", allow_random_weights=True))
 
 
 def test_tensorrt_artifact_without_compute_capability_is_refused(tensorrt_artifact, tmp_path):
     artifact = copy_with(tensorrt_artifact, tmp_path, compute_capability=None)
-    with pytest.raises(DeployError, match="compute_capability"):
+    with pytest.raises(EttinError, match="compute_capability"):
         deploy_triton(artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True))
 
 
@@ -331,9 +331,9 @@ def test_engine_cross_check_catches_config_mistakes(tensorrt_artifact, tmp_path,
     deploy_triton(tensorrt_artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True))
     text = (tmp_path / "repo" / f"{NAME}_trt" / "config.pbtxt").read_text()
     config = _mutated(text, old, new)
-    graph = signature_from_manifest(read_manifest(tensorrt_artifact))
+    graph = signature_from_artifact(Artifact.open(tensorrt_artifact))
     with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace("]", "\\]")):
-        check_engine_config(config, graph, manifest=read_manifest(tensorrt_artifact), builds_offsets=False)
+        check_engine_config(config, graph, artifact=Artifact.open(tensorrt_artifact), builds_offsets=False)
 
 
 @pytest.mark.parametrize("old, new, message", [
@@ -349,7 +349,7 @@ def test_the_command_module_imports_nothing_heavy():
     import subprocess
 
     heavy = ("torch", "onnx", "google.protobuf", "tritonclient", "onnxruntime")
-    code = ("import sys, ettin_export.deploy as d, argparse; d.add_arguments(argparse.ArgumentParser()); "
+    code = ("import sys, ettin_export.commands.deploy as d, argparse; d.add_arguments(argparse.ArgumentParser()); "
             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -391,7 +391,7 @@ def remote(request, server):
 
 
 def make_texts(rng, count: int, low: int = 1, high: int = 60) -> list[str]:
-    from ettin_export.random_checkpoint import random_sentence
+    from ettin_export.synthetic.text import random_sentence
 
     words = random.Random(int(rng.integers(2**31)))
     return [random_sentence(words, int(rng.integers(low, high))) for _ in range(count)]
@@ -411,6 +411,14 @@ def test_scores_equal_the_local_runtime_in_document_order(remote, local):
     np.testing.assert_allclose(remote.predict(pairs[:5], activation="sigmoid"),
                                local.predict(pairs[:5], activation="sigmoid"), atol=TOLERANCE)
     assert remote.predict([]).shape == (0,)
+
+
+def test_the_triton_client_keeps_the_runtime_contract(remote, local):
+    """The same assertions as every local backend (tests/contract.py), against the real server."""
+    from .contract import check_contract, contract_pairs
+
+    pairs = contract_pairs(seed=23)
+    check_contract(remote, pairs, local.predict(pairs), max_length=MAX_LENGTH)
 
 
 def test_top_n_agrees_with_rank(remote, local):

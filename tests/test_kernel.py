@@ -61,7 +61,7 @@ def _run_cases(seed: int) -> dict:
     import torch
 
     sys.path[:0] = [str(REPO), str(REPO / "plugins")]
-    from ettin_export.attention import reference_varlen_attention
+    from ettin_export.model.attention import reference_varlen_attention
     from ettin_plugins import varlen_attention
 
     torch.manual_seed(seed)
@@ -151,10 +151,10 @@ def test_bf16_on_the_gpu_is_within_twice_pytorchs_own_bf16_error():
     if not torch.cuda.is_available():
         pytest.skip("bf16 needs a CUDA GPU: Triton's CPU interpreter has no bfloat16 tl.dot "
                     "(scripts/gpu_kernel_check.py checks it on one)")
-    from ettin_export.selftest import attention_accuracy, awkward_lengths
+    from ettin_export.parity.kernel import attention_accuracy, awkward_attention_cases
 
     seed = random.SystemRandom().randrange(2**31)
-    for name, lengths in awkward_lengths(seed).items():
+    for name, lengths in awkward_attention_cases(seed).items():
         for window in (64, -1):
             result = attention_accuracy(torch, lengths, window, torch.bfloat16, device="cuda", seed=seed,
                                         backends=("triton",))

@@ -10,8 +10,8 @@ import torch
 from onnx import TensorProto, helper
 
 from ettin_export.checkpoint import load_checkpoint
-from ettin_export.onnx_export import export_onnx, varlen_attention_function
-from ettin_export.validate import bf16_as_fp32, bf16_islands, check_graph_contract, random_packed_inputs
+from ettin_export.graph.export import ExportError, export_onnx, varlen_attention_function
+from ettin_export.graph.validate import bf16_as_fp32, bf16_islands, check_graph_contract, random_packed_inputs
 from ettin_plugins import spec
 from ettin_runtime import Reranker
 
@@ -61,17 +61,24 @@ def test_contract_check_catches_a_broken_graph(fp32_graph):
     kept = [a for a in node.attribute if a.name != "plugin_namespace"]
     del node.attribute[:]
     node.attribute.extend(kept)
-    with pytest.raises(Exception, match="plugin_namespace must be 'ettin'"):
+    with pytest.raises(ExportError, match="no plugin_namespace attribute; TensorRT >= 10.15 would inline"):
         check_graph_contract(broken, 4)
+    namespace = onnx.helper.make_attribute("plugin_namespace", "other")
+    node.attribute.append(namespace)
+    with pytest.raises(ExportError, match="plugin_namespace is STRING b'other', the plugin is registered in namespace 'ettin'"):
+        check_graph_contract(broken, 4)
+    node.attribute.remove(namespace)
+    node.attribute.append(onnx.helper.make_attribute("plugin_namespace", "ettin"))
+    check_graph_contract(broken, 4)  # put back: the graph holds again
     broken.graph.input[1].type.tensor_type.elem_type = TensorProto.INT64
-    with pytest.raises(Exception, match="expected exactly input_ids:int32, cu_seqlens:int32"):
+    with pytest.raises(ExportError, match="expected exactly input_ids:int32, cu_seqlens:int32"):
         check_graph_contract(broken, 4)
 
 
 def test_onnxruntime_matches_crossencoder(tmp_path_factory, ettin17m_reduced):
     """fp32 ONNX Runtime against sentence-transformers on the parity grid (window-crossing and
     truncated pairs included), through the real build."""
-    from ettin_export.build import BuildOptions, run_build
+    from ettin_export.pipeline import BuildOptions, run_build
     from ettin_export.targets import get_target
 
     out = tmp_path_factory.mktemp("e17m-art") / "art"
@@ -118,9 +125,9 @@ def test_bf16_graph_arithmetic_matches_fp32_model_with_bf16_weights(bf16_export)
     """The same graph, bf16 types and weights widened to fp32, in ONNX Runtime on the validation grid:
     within the fp32 rule of the fp64 anchor of the model whose weights are rounded to bf16 (what build
     checks), and far outside it against the unrounded model, i.e. the check sees bf16 rounding."""
-    from ettin_export.onnx_export import ExportError
-    from ettin_export.reference import fp32_references
-    from ettin_export.validate import check_values, validation_batches
+    from ettin_export.graph.export import ExportError
+    from ettin_export.parity.references import fp32_references
+    from ettin_export.graph.validate import check_values, validation_batches
     from ettin_runtime.packing import PairEncoder
 
     checkpoint, proto = bf16_export
@@ -151,7 +158,7 @@ def _attention_only_model(window: int, heads: int, dim: int) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("window", [-1, 0, 3, 64])
 def test_function_body_matches_reference(window):
-    from ettin_export.attention import reference_varlen_attention
+    from ettin_export.model.attention import reference_varlen_attention
 
     session = onnxruntime.InferenceSession(_attention_only_model(window, 2, 16).SerializeToString())
     lengths = [1, 63, 64, 65, 129, 2, 7]
@@ -177,7 +184,7 @@ def test_function_body_never_builds_token_by_token_tensors():
 def test_external_data_for_large_models(tmp_path, monkeypatch, tiny_checkpoint):
     """Past the 2 GiB protobuf limit (simulated with a tiny threshold), weights go to model.onnx.data
     and the checker and ONNX Runtime read them from the path."""
-    import ettin_export.onnx_export as onnx_export
+    import ettin_export.graph.export as onnx_export
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)
     exported = export_onnx(load_checkpoint(str(tiny_checkpoint)).build_model(), tmp_path / "model.onnx", "fp32")

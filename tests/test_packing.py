@@ -8,7 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from ettin_export.random_checkpoint import random_pairs, random_sentence, write_random_checkpoint
+from ettin_export.synthetic.checkpoints import write_random_checkpoint
+from ettin_export.synthetic.text import random_pairs, random_sentence
 from ettin_runtime.packing import PairEncoder, PairInputError, pack, packed_batches, plan_batches, resolve_max_length
 
 
@@ -76,7 +77,7 @@ def test_batches_carry_the_callers_indices():
 
 
 def test_scores_come_back_in_input_order_whatever_the_batching(tiny_checkpoint):
-    from ettin_export.torch_runtime import TorchReranker
+    from ettin_export.model.torch_reranker import TorchReranker
 
     pairs = random_pairs(60, seed=12, document_words=(0, 150))
     reference = TorchReranker.from_checkpoint(str(tiny_checkpoint))

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from ettin_export import model as model_module
+from ettin_export.model import packed as model_module
 from ettin_export.checkpoint import load_checkpoint
 from ettin_export.parity import References
-from ettin_export.random_checkpoint import write_random_checkpoint
-from ettin_export.reference import ReferenceMismatch, check_port, fp64_anchor, packed_scores
-from ettin_export.torch_runtime import TorchReranker
+from ettin_export.synthetic.checkpoints import write_random_checkpoint
+from ettin_export.parity.references import ReferenceMismatch, check_port, fp64_anchor, packed_scores
+from ettin_export.model.torch_reranker import TorchReranker
 
 from .pairsets import parity_pairs
 from .references import assert_fp32_parity, fails_fp32_parity, references_for
@@ -218,7 +218,7 @@ def test_anchor_is_the_fp64_packed_model(ettin_long, ettin_case):
 def test_rank_matches_crossencoder_rank(tiny_checkpoint):
     from sentence_transformers import CrossEncoder
 
-    from ettin_export.random_checkpoint import random_pairs
+    from ettin_export.synthetic.text import random_pairs
 
     reranker = TorchReranker.from_checkpoint(str(tiny_checkpoint))
     cross_encoder = CrossEncoder(str(tiny_checkpoint), activation_fn=torch.nn.Identity(), device="cpu")

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from ettin_export.cli import main
-from ettin_export.pairs import random_sentence
-from ettin_export.random_checkpoint import write_random_checkpoint
-from ettin_runtime.manifest import read_manifest
+from ettin_export.synthetic.text import random_sentence
+from ettin_export.synthetic.checkpoints import write_random_checkpoint
+from ettin_runtime import Artifact
 from ettin_runtime.packing import resolve_max_length
 
 from .foreign_checkpoint import write_foreign_crossencoder, write_foreign_sequence_classification
@@ -53,8 +53,8 @@ def test_wide_spread_deep_checkpoints_build_and_verify(wide_build, capsys):
     checkpoint, out, status = wide_build
     assert status == 0
     assert _spread(checkpoint, seed=7) >= 10.0, "the checkpoint must spread its scores like a trained reranker"
-    manifest = read_manifest(out)
-    assert manifest.parity["passed"] and manifest.max_length == OWN_MAX_LENGTH
+    artifact = Artifact.open(out)
+    assert artifact.parity.passed and artifact.max_length == OWN_MAX_LENGTH
     capsys.readouterr()
     assert main(["verify", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -90,7 +90,7 @@ def test_score_checkpoint_and_artifact_truncate_alike(wide_build, tmp_path, caps
 
 
 def test_bench_truncates_as_the_checkpoint_and_the_artifact_do(wide_build):
-    from ettin_export import bench
+    from ettin_export.commands import bench
 
     checkpoint, out, _ = wide_build
     parser = argparse.ArgumentParser()
@@ -104,7 +104,7 @@ def test_bench_truncates_as_the_checkpoint_and_the_artifact_do(wide_build):
 
 
 def test_a_parity_failure_reports_the_three_figures(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    from ettin_runtime.onnxruntime_backend import OnnxRuntimeReranker
+    from ettin_runtime.backends.onnxruntime import OnnxRuntimeReranker
 
     original = OnnxRuntimeReranker._score
     monkeypatch.setattr(OnnxRuntimeReranker, "_score", lambda self, batch: original(self, batch) + np.float32(1e-3))
@@ -122,7 +122,7 @@ def test_a_parity_failure_reports_the_three_figures(tiny_checkpoint, tmp_path, c
 def test_an_export_value_failure_reports_the_three_figures(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     import onnx
 
-    from ettin_export import onnx_export
+    from ettin_export.graph import export as onnx_export
 
     original = onnx_export.export_onnx
 

@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from ettin_export import sizes
+from ettin_export.checkpoint.load import modernbert_config
 from ettin_export.model import HeadConfig, PackedConfig, PackedReranker, num_parameters
 
 
 @pytest.mark.parametrize("name", list(sizes.SIZES))
 def test_parameter_counts_match_real_modules_and_reference(name):
-    from transformers import ModernBertConfig, ModernBertModel
+    from transformers import ModernBertModel
 
     spec = sizes.get_size(name)
-    config = ModernBertConfig(**{k: v for k, v in spec.modernbert_config().items() if k != "model_type"})
+    config = modernbert_config(spec.modernbert_config())
     with torch.device("meta"):
         hf_backbone = ModernBertModel(config)
         packed = PackedReranker(PackedConfig.from_modernbert(config, HeadConfig()))
@@ -32,10 +33,8 @@ def test_parameter_counts_match_real_modules_and_reference(name):
 
 @pytest.mark.parametrize("name", list(sizes.SIZES))
 def test_exact_configs(name):
-    from transformers import ModernBertConfig
-
     spec = sizes.get_size(name)
-    config = ModernBertConfig(**{k: v for k, v in spec.modernbert_config().items() if k != "model_type"})
+    config = modernbert_config(spec.modernbert_config())
     packed = PackedConfig.from_modernbert(config, HeadConfig())
     assert packed.head_dim == 64
     assert packed.local_rope_theta == packed.global_rope_theta == 160_000.0

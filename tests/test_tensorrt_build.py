@@ -19,11 +19,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from ettin_export import tensorrt_build as tb
-from ettin_export.build import BuildError
+from ettin_export.engine import tensorrt as tb
+from ettin_export.graph.validate import attention_nodes
+from ettin_export.pipeline import BuildError
 from ettin_export.targets import get_target
 from ettin_plugins import trt_plugin
-from ettin_runtime.tensorrt_backend import GpuInfo, GpuUnavailable, driver_needed_for_ptx, environment_problems
+from ettin_runtime.backends.tensorrt import GpuInfo, GpuUnavailable, driver_needed_for_ptx, environment_problems
 
 H100 = get_target("h100")
 REPO = Path(__file__).resolve().parents[1]
@@ -46,17 +47,17 @@ def tensorrt_gpu_missing() -> str | None:
 
 def test_profile_covers_a_full_batch_of_full_length_pairs():
     limits = tb.engine_profile(64, 512)
-    assert limits["max_batch_pairs"] == 64 and limits["max_batch_tokens"] == 64 * 512
-    assert limits["profile"] == {"total_tokens": [1, 64 * 128, 64 * 512], "num_pairs_plus_1": [2, 65, 65]}
-    assert tb.profile_shapes(limits) == {
+    assert limits.max_batch_pairs == 64 and limits.max_batch_tokens == 64 * 512
+    assert limits.to_json()["profile"] == {"total_tokens": [1, 64 * 128, 64 * 512], "num_pairs_plus_1": [2, 65, 65]}
+    assert limits.profile.shapes() == {
         "input_ids": ((1,), (8192,), (32768,)), "cu_seqlens": ((2,), (65,), (65,)),
     }
 
 
 def test_larger_token_budget_is_kept_and_short_pairs_set_the_opt_point():
     limits = tb.engine_profile(32, 96, max_batch_tokens=10_000)
-    assert limits["max_batch_tokens"] == 10_000
-    assert limits["profile"]["total_tokens"] == [1, 32 * 96, 10_000]  # opt: every pair at max_length < 128
+    assert limits.max_batch_tokens == 10_000
+    assert limits.profile.tokens == (1, 32 * 96, 10_000)  # opt: every pair at max_length < 128
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -83,7 +84,7 @@ def bf16_onnx(tmp_path_factory, tiny_checkpoint):
     import torch
 
     from ettin_export.checkpoint import load_checkpoint
-    from ettin_export.onnx_export import export_onnx
+    from ettin_export.graph.export import export_onnx
 
     model = load_checkpoint(str(tiny_checkpoint)).build_model(torch.float32)
     return export_onnx(model, tmp_path_factory.mktemp("bf16") / "model.onnx", "bf16").path
@@ -106,7 +107,7 @@ def test_exported_graph_meets_the_rules_of_the_registered_plugin(bf16_graph):
     # The rules are those of the registration signature, which the exporter never reads.
     assert trt_plugin.registered_input_names() == ("q", "k", "v", "cu_seqlens")
     assert trt_plugin.registered_attribute_names() == ("window",)
-    windows = sorted(helper.get_attribute_value(a) for n in tb.attention_nodes(bf16_graph)
+    windows = sorted(helper.get_attribute_value(a) for n in attention_nodes(bf16_graph)
                      for a in n.attribute if a.name == "window")
     assert windows == [-1, -1, 16, 16]
 
@@ -116,11 +117,11 @@ def test_rules_follow_the_registration_signature_not_the_exporter(bf16_graph, mo
     problems = tb.parser_rule_problems(bf16_graph)
     assert len(problems) == 4 and all("lacks attribute 'head_dim'" in p for p in problems)
     monkeypatch.setattr(trt_plugin, "registered_input_names", lambda: ("q", "k", "v", "cu_seqlens", "max_seqlen"))
-    assert any("4 inputs, the plugin registers 5" in p for p in tb.parser_rule_problems(bf16_graph))
+    assert any("4 inputs, the op takes 5" in p for p in tb.parser_rule_problems(bf16_graph))
 
 
 def _first_node(proto):
-    return tb.attention_nodes(proto)[0]
+    return attention_nodes(proto)[0]
 
 
 def _set_attribute(node, attribute):
@@ -154,7 +155,7 @@ BREAKAGES = {
     "window beyond int32": (lambda p: _set_attribute(_first_node(p), helper.make_attribute("window", 2**40)),
                             "does not fit int32"),
     "int64 cu_seqlens": (lambda p: _retype(p, "cu_seqlens", TensorProto.INT64), "cu_seqlens (cu_seqlens) is INT64"),
-    "fp32 q": (lambda p: _retype(p, _first_node(p).input[0], TensorProto.FLOAT), "is FLOAT; the plugin offers"),
+    "fp32 q": (lambda p: _retype(p, _first_node(p).input[0], TensorProto.FLOAT), "is FLOAT; this graph needs bfloat16 or float16"),
     "no local function": (lambda p: p.ClearField("functions"), "lacks the local function ettin::VarlenAttention"),
 }
 
@@ -297,7 +298,7 @@ def test_a_triton_below_the_architecture_is_refused():
 def test_the_chosen_ptx_loads_on_the_driver_it_was_chosen_for():
     """The build's choice and the runtime's refusal read one table: never refused on its own machine,
     always refused on the next older driver branch."""
-    from ettin_runtime.tensorrt_backend import driver_needed_for_ptx
+    from ettin_runtime.backends.tensorrt import driver_needed_for_ptx
 
     from ettin_plugins import aot
 
@@ -323,20 +324,22 @@ def test_manifest_facts_from_a_real_kernel_compile_satisfy_the_runtime_check():
     from ettin_plugins import aot
 
     kernel = aot.compile_varlen_attention("bf16", -1, 90, aot.TACTICS[min(aot.TACTICS)])
-    limits = tb.engine_profile(64, 512)
     facts = tb.engine_facts(
         tensorrt_version="10.9.0.34", gpu=HOPPER, kernel=kernel, plugin_layers={"v3": 10, "v2": 0},
-        attention_nodes=10, limits=limits, settings=tb.builder_settings("10.9.0.34"),
-        opset=20,
+        attention_nodes=10, settings=tb.builder_settings("10.9.0.34"), opset=20,
     )
     assert facts["compute_capability"] == "9.0" and facts["ptx_target"] == "sm_90a"
     assert facts["ptx_version"] == kernel.ptx_version and facts["plugin"] == "ettin::VarlenAttention"
-    assert facts["plugin_layers"] == facts["attention_nodes"] == 10 and facts["profile"] == limits["profile"]
+    assert facts["plugin_layers"] == facts["attention_nodes"] == 10
     json.dumps(facts)  # goes into manifest.json as is
+    from ettin_runtime.artifact import Engine
+
+    engine = Engine.from_json({"format": "tensorrt", "file": "model.plan", **facts})  # what the build records
+    assert engine.tensorrt.ptx_version == kernel.ptx_version and engine.record["builder"] == facts["builder"]
     # What the build records is what the runtime checks: the same machine passes.
     needed = driver_needed_for_ptx(kernel.ptx_version) or HOPPER.cuda_driver_version
     same_machine = GpuInfo(HOPPER.name, (9, 0), HOPPER.driver_version, max(needed, HOPPER.cuda_driver_version))
-    assert environment_problems(facts, "10.9.0.34", same_machine) == []
+    assert environment_problems(engine.tensorrt, "10.9.0.34", same_machine) == []
 
 
 # --- the preflight ---------------------------------------------------------------------------------------------------
@@ -544,7 +547,7 @@ def test_build_engine_sets_no_parser_flag_and_asks_for_strong_typing_only_on_10x
     assert parse["flags"] is None  # no ENABLE_PLUGIN_OVERRIDE, although this TensorRT has the flag
     assert parse["strongly_typed"] is strongly_typed_flag
     assert facts["builder"]["parser_flags"] == [] and facts["builder"]["strongly_typed_flag"] is strongly_typed_flag
-    assert calls["config"][0]["tf32"] is False and calls["config"][0]["profiles"][0] == dict(tb.profile_shapes(limits))
+    assert calls["config"][0]["tf32"] is False and calls["config"][0]["profiles"][0] == dict(limits.profile.shapes())
     # The plugin's aot_impl and the manifest's own compile use the one PTX ISA: 8.7 for this 12.8 driver.
     assert calls["register"] == [("sm_90a", 87)]
     assert facts["ptx_version"] == "8.7" and facts["ptx_target"] == "sm_90a"
@@ -594,24 +597,23 @@ def test_build_h100_without_tensorrt_stops_before_any_long_work(tmp_path):
 
 
 def test_onnx_only_writes_the_bf16_graph_and_the_finish_command(tmp_path, tiny_checkpoint):
-    from ettin_runtime.manifest import read_manifest
+    from ettin_runtime import Artifact
 
     out = tmp_path / "tiny-h100"
     args = ["build", str(tiny_checkpoint), "--target", "h100", "--onnx-only", "--out", str(out),
             "--skip-crossencoder-check", "--parity-queries", "2", "--max-batch-size", "16", "--max-length", "200"]
     proc, _ = _cli(args, tmp_path, tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr
-    manifest = read_manifest(out)
+    manifest = Artifact.open(out)
     assert manifest.target == "h100" and manifest.precision == "bf16" and manifest.parity is None
     assert manifest.limits == tb.engine_profile(16, 200)
-    assert tb.check_parser_rules(onnx.load(str(out / manifest.engine["file"]))) == 4
+    assert tb.check_parser_rules(onnx.load(str(out / manifest.engine.file))) == 4
     finish = [line.strip() for line in proc.stderr.splitlines() if line.strip().startswith("ettin-export build")]
     assert finish, proc.stderr
     assert finish[-1] == (f"ettin-export build {tiny_checkpoint} --target h100 --out {out} --skip-crossencoder-check "
                           "--parity-queries 2 --max-batch-size 16 --max-length 200 --force")
-    assert manifest.engine["complete"] is False and manifest.engine["finish_command"] == finish[-1]
-    from ettin_runtime import Reranker
-    from ettin_runtime.manifest import ArtifactError
+    assert manifest.engine.complete is False and manifest.engine.finish_command == finish[-1]
+    from ettin_runtime import ArtifactError, Reranker
 
     with pytest.raises(ArtifactError, match="holds only the bf16 ONNX of a h100 build .* Finish it on a machine"):
         Reranker.load(out)
@@ -624,18 +626,17 @@ def test_engine_build_and_gate_on_the_gpu(tmp_path, tiny_checkpoint):
     reason = tensorrt_gpu_missing()
     if reason:
         pytest.skip(f"needs TensorRT and an H100/H200: {reason}")
-    from ettin_export.build import BuildOptions, run_build
+    from ettin_export.pipeline import BuildOptions, run_build
     from ettin_export.checkpoint import load_checkpoint
-    from ettin_runtime import Reranker
-    from ettin_runtime.manifest import read_manifest
+    from ettin_runtime import Artifact, Reranker
 
     out = tmp_path / "tiny-h100"
     options = BuildOptions(out=out, target=H100, max_length=200, max_batch_pairs=16, parity_queries=2,
                            check_crossencoder=False, quiet=True)
     assert run_build(lambda: load_checkpoint(str(tiny_checkpoint), max_length=200), options) == 0
-    manifest = read_manifest(out)
-    assert manifest.engine["plugin_layers"] == manifest.engine["attention_nodes"] == 4
-    assert (tmp_path / f"tiny-h100.trt{manifest.engine['tensorrt_version']}-cc9.0.timing.cache").is_file()
+    manifest = Artifact.open(out)
+    assert manifest.engine.tensorrt.plugin_layers == manifest.engine.tensorrt.attention_nodes == 4
+    assert (tmp_path / f"tiny-h100.trt{manifest.engine.tensorrt.tensorrt_version}-cc9.0.timing.cache").is_file()
     reranker = Reranker.load(out)
     assert reranker.predict([("a query", "a document")]).dtype.name == "float32"
 
@@ -656,7 +657,7 @@ def test_selftest_without_tensorrt_exits_2_within_seconds_with_the_preflight_mes
 
 
 def test_selftest_fresh_process_script_imports_nothing_of_the_project():
-    from ettin_export import selftest
+    from ettin_export.commands import selftest
 
     compile(selftest.FRESH_PROCESS_SCRIPT, "<fresh process>", "exec")
     imported = {name.strip().split(".")[0] for line in selftest.FRESH_PROCESS_SCRIPT.splitlines()
@@ -668,20 +669,20 @@ def test_selftest_attention_accuracy_runs_on_a_cpu():
     """The kernel-parity helper's plumbing (the kernel itself needs CUDA: skipped inside, and said so)."""
     import torch
 
-    from ettin_export.selftest import attention_accuracy
+    from ettin_export.parity.kernel import attention_accuracy
 
     result = attention_accuracy(torch, [1, 63, 64, 65], 64, torch.bfloat16, device="cpu", heads=2)
     assert result["implementation"] == {"auto": "reference (fp32 math)",
                                         "triton": "skipped: the Triton kernel needs a CUDA device"}
-    assert 0 < result["errors"]["auto"] < 0.02 and 0 < result["errors"]["torch_sdpa_per_pair"] < 0.05
+    assert 0 < result["errors"]["auto"] < 0.02 and 0 < result["errors"]["torch_sdpa"] < 0.05
     assert "pass" not in result  # no kernel ran, so no verdict
     fp32 = attention_accuracy(torch, [3, 130], -1, torch.float32, device="cpu", heads=2)
     assert fp32["pass"] and fp32["errors"]["auto"] < 1e-5
 
 
 def test_selftest_verdict_names_driver_ptx_and_tensorrt_warnings():
-    from ettin_export.selftest import CHECKS, format_verdict
-    from ettin_runtime.tensorrt_backend import tensorrt_version_warnings
+    from ettin_export.commands.selftest import CHECKS, format_verdict
+    from ettin_runtime.backends.tensorrt import tensorrt_version_warnings
 
     warnings = tensorrt_version_warnings("11.1.0.106")
     results = {"environment": {"gpu_name": "NVIDIA H100 80GB HBM3", "driver_version": "550.54.15",

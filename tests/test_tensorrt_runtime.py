@@ -1,10 +1,11 @@
-"""The TensorRT runtime's logic without TensorRT: the manifest against this machine, the profile limits,
-splitting, input order, threads, and EngineSession driven through stand-ins for TensorRT and
+"""The TensorRT runtime's logic without TensorRT: the artifact's facts against this machine, the profile
+limits, batches within them, input order, threads, and EngineSession driven through stand-ins for TensorRT and
 polygraphy's CUDA buffers. The stand-ins compute a known function of the tokens (the mean token id of
 each pair), so every score can be checked. The real engine test at the end skips with the reason."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -17,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ettin_export.random_checkpoint import random_pairs
-from ettin_export.tensorrt_build import engine_profile
-from ettin_runtime import Reranker
-from ettin_runtime import tensorrt_backend as tb
-from ettin_runtime.manifest import ArtifactError, Manifest, hash_files
+from ettin_export.synthetic.text import random_pairs
+from ettin_export.engine.tensorrt import engine_profile
+from ettin_runtime import Artifact, ArtifactError, LoadOptions, Reranker
+from ettin_runtime.artifact import Engine, Limits, ModelFacts, Source, TensorRTFacts, hash_files
+from ettin_runtime.backends import tensorrt as tb
 from ettin_runtime.packing import PairEncoder, pack
 
 HOPPER = tb.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), "570.124.06", 12080)
-ENGINE = {"format": "tensorrt", "file": "model.plan", "tensorrt_version": "10.9.0.34", "compute_capability": "9.0",
-          "ptx_version": "8.7", "ptx_target": "sm_90a", "gpu_name": "NVIDIA H100 80GB HBM3"}
+ENGINE = TensorRTFacts(tensorrt_version="10.9.0.34", compute_capability="9.0", ptx_version="8.7", ptx_target="sm_90a",
+                       gpu_name="NVIDIA H100 80GB HBM3")
 
 
 def mean_token_id(input_ids: np.ndarray, cu_seqlens: np.ndarray) -> np.ndarray:
@@ -70,59 +71,58 @@ def test_every_problem_is_reported_at_once():
         tb.check_environment(ENGINE, "10.8.0.43", a100_old, where="artifacts/x")
     message = str(error.value)
     assert message.startswith("artifacts/x cannot run here:") and message.count("\n  - ") == 3
-    assert isinstance(error.value, ValueError)  # the CLI prints it without a traceback (exit 2)
-    assert "no tensorrt_version" in tb.environment_problems({}, "10.9.0.34", HOPPER)[0]
+    from ettin_runtime.errors import EttinError
+
+    assert isinstance(error.value, EttinError)  # the CLI prints it without a traceback (exit 2)
+    with pytest.raises(ArtifactError, match="must record tensorrt_version and compute_capability"):
+        TensorRTFacts.from_json({"compute_capability": "9.0"})
 
 
-# --- limits and splitting -------------------------------------------------------------------------------
+# --- limits: batches never exceed the profile ------------------------------------------------------------
 
 
-def test_limits_come_from_the_profile():
-    assert tb.ProfileLimits.from_manifest(engine_profile(16, 200)) == tb.ProfileLimits(16, 3200)
-    assert tb.ProfileLimits.from_manifest({"max_batch_pairs": 8, "max_batch_tokens": 900}) == tb.ProfileLimits(8, 900)
-    with pytest.raises(ArtifactError, match="no usable engine profile"):
-        tb.ProfileLimits.from_manifest({"profile": {"total_tokens": [1]}})
+def test_limits_are_the_profiles_maxima():
+    limits = engine_profile(16, 200)
+    assert (limits.max_batch_pairs, limits.max_batch_tokens) == (16, 3200)
+    assert Limits.from_json(limits.to_json()) == limits
+    assert limits.to_json() == {"profile": {"total_tokens": [1, 16 * 128, 3200], "num_pairs_plus_1": [2, 17, 17]}}
+    with pytest.raises(ArtifactError, match=r"limits.profile.total_tokens is \[1\]; expected \[min, opt, max\]"):
+        Limits.from_json({"profile": {"total_tokens": [1], "num_pairs_plus_1": [2, 3, 3]}})
 
 
-def test_split_keeps_order_and_respects_both_limits():
-    rng = np.random.default_rng(5)
-    token_ids = [rng.integers(0, 700, rng.integers(1, 120)).astype(np.int32) for _ in range(97)]
-    batch = pack(token_ids, order=np.arange(100, 197))
-    limits = tb.ProfileLimits(max_pairs=10, max_tokens=400)
-    pieces = tb.split_to_limits(batch, limits)
-    assert len(pieces) > 1
-    for piece in pieces:
-        assert piece.num_pairs <= 10 and piece.num_tokens <= 400 and piece.cu_seqlens[0] == 0
-        assert piece.cu_seqlens.dtype == np.int32 and piece.max_seqlen == int(np.diff(piece.cu_seqlens).max())
-        assert np.array_equal(piece.position_ids, np.concatenate([np.arange(n) for n in np.diff(piece.cu_seqlens)]))
-    assert np.array_equal(np.concatenate([p.order for p in pieces]), batch.order)
-    assert np.array_equal(np.concatenate([p.input_ids for p in pieces]), batch.input_ids)
-    assert np.array_equal(np.concatenate([mean_token_id(p.input_ids, p.cu_seqlens) for p in pieces]),
-                          mean_token_id(batch.input_ids, batch.cu_seqlens))
-    assert tb.split_to_limits(batch, tb.ProfileLimits(97, 10**6)) == [batch]
-
-
-def test_a_pair_longer_than_the_profile_is_refused():
-    batch = pack([np.arange(50, dtype=np.int32), np.arange(500, dtype=np.int32)])
-    with pytest.raises(ValueError, match="a pair of 500 tokens exceeds the engine's 400-token profile"):
-        tb.split_to_limits(batch, tb.ProfileLimits(8, 400))
+def test_a_batch_beyond_the_profile_never_reaches_the_engine(encoder):
+    session = RecordingSession(tb_limits(4, 400))
+    reranker = tb.TensorRTReranker(session, encoder, _artifact(engine_profile(4, 100, 400), max_length=100))
+    too_big = pack([np.arange(120, dtype=np.int32)] * 4)  # 4 pairs, 480 tokens
+    with pytest.raises(ArtifactError, match="a batch of 4 pairs / 480 tokens exceeds the engine's profile"):
+        reranker._score(too_big)
+    assert session.shapes == []
 
 
 # --- the reranker over a stand-in session -------------------------------------------------------------------
 
 
+def tb_limits(pairs: int, tokens: int) -> Limits:
+    return Limits(max_batch_pairs=pairs, max_batch_tokens=tokens)
+
+
 class RecordingSession:
-    def __init__(self):
+    def __init__(self, limits: Limits):
         self.shapes = []
+        self.limits = limits
 
     def run(self, input_ids, cu_seqlens):
         self.shapes.append((len(cu_seqlens) - 1, len(input_ids)))
         return mean_token_id(input_ids, cu_seqlens)
 
 
-def _manifest(limits: dict, max_length: int = 200) -> Manifest:
-    return Manifest(source={"model": "test"}, model={}, score_activation="identity", max_length=max_length,
-                    target="h100", precision="bf16", engine=dict(ENGINE), limits=limits)
+def _artifact(limits: Limits, max_length: int = 200, root: Path = Path("unused"), files=None) -> Artifact:
+    return Artifact(
+        root=root, source=Source(model="test"), model=ModelFacts(64, 4, 2, 32, 96, (-1, 16, 16, -1), "cls", 50368),
+        score_activation="identity", max_length=max_length, target="h100", precision="bf16",
+        engine=Engine(format="tensorrt", file="model.plan", runtime="tensorrt", tensorrt=ENGINE), limits=limits,
+        files=files or {},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +131,8 @@ def encoder(tiny_checkpoint):
 
 
 def test_scores_come_back_float32_in_input_order_within_the_profile(encoder):
-    session = RecordingSession()
-    limits = tb.ProfileLimits(8, 1600)
-    reranker = tb.TensorRTReranker(session, encoder, _manifest(engine_profile(8, 200)), limits)
+    session = RecordingSession(tb_limits(8, 1600))
+    reranker = tb.TensorRTReranker(session, encoder, _artifact(engine_profile(8, 200)))
     assert (reranker.max_batch_pairs, reranker.max_batch_tokens) == (8, 1600)
     pairs = random_pairs(61, seed=4, document_words=(0, 400))
     expected = np.array([ids.mean() for ids in encoder.encode(pairs)], dtype=np.float32)
@@ -146,11 +145,11 @@ def test_scores_come_back_float32_in_input_order_within_the_profile(encoder):
 
 
 def test_limits_outside_the_profile_are_refused(encoder):
-    manifest = _manifest(engine_profile(8, 200))
-    with pytest.raises(ValueError, match=r"max_batch_pairs=9 is outside the engine's profile \(1..8\)"):
-        tb.TensorRTReranker(RecordingSession(), encoder, manifest, tb.ProfileLimits(8, 1600), max_batch_pairs=9)
-    with pytest.raises(ValueError, match="max_length 200 exceeds the engine's profile of 150 tokens"):
-        tb.TensorRTReranker(RecordingSession(), encoder, manifest, tb.ProfileLimits(8, 150))
+    artifact = _artifact(engine_profile(8, 200))
+    with pytest.raises(ArtifactError, match=r"max_batch_pairs=9 is outside the engine's profile \(1..8\)"):
+        tb.TensorRTReranker(RecordingSession(tb_limits(8, 1600)), encoder, artifact, max_batch_pairs=9)
+    with pytest.raises(ArtifactError, match="max_length 200 exceeds the engine's profile of 150 tokens"):
+        tb.TensorRTReranker(RecordingSession(tb_limits(8, 150)), encoder, artifact)
 
 
 # --- EngineSession through stand-ins for TensorRT and polygraphy's CUDA ----------------------------------------
@@ -251,9 +250,7 @@ def artifact(tmp_path, tiny_checkpoint, monkeypatch):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (Path(tiny_checkpoint) / name).is_file():
             (root / name).write_bytes((Path(tiny_checkpoint) / name).read_bytes())
-    manifest = _manifest(engine_profile(8, 200))
-    manifest.files = hash_files(root, sorted(p.name for p in root.iterdir()))
-    manifest.write(root)
+    _artifact(engine_profile(8, 200), root=root, files=hash_files(root, [p.name for p in root.iterdir()])).write()
     state = {"trt": fake_tensorrt(), "gpu": HOPPER}
     monkeypatch.setattr(tb, "import_tensorrt", lambda: state["trt"])
     monkeypatch.setattr(tb, "probe_gpu", lambda device=0: state["gpu"])
@@ -263,8 +260,9 @@ def artifact(tmp_path, tiny_checkpoint, monkeypatch):
 
 def test_load_and_predict_through_the_engine_session(artifact, encoder):
     root, _ = artifact
-    reranker = Reranker.load(root)  # dispatches on the manifest's engine format
-    assert isinstance(reranker, tb.TensorRTReranker) and reranker.limits == tb.ProfileLimits(8, 1600)
+    reranker = Reranker.load(root)  # the runtime the manifest's engine names
+    assert isinstance(reranker, tb.TensorRTReranker)
+    assert (reranker.max_batch_pairs, reranker.max_batch_tokens) == (8, 1600)
     pairs = random_pairs(37, seed=9, document_words=(0, 300))
     expected = np.array([ids.mean() for ids in encoder.encode(pairs)], dtype=np.float32)
     assert np.array_equal(reranker.predict(pairs), expected)
@@ -273,7 +271,7 @@ def test_load_and_predict_through_the_engine_session(artifact, encoder):
 
 def test_concurrent_callers_share_one_session_safely(artifact, encoder):
     root, _ = artifact
-    reranker = tb.TensorRTReranker.load(root)
+    reranker = Reranker.load(root)
     work = [random_pairs(23, seed=s, document_words=(0, 250)) for s in range(8)]
     expected = [np.array([ids.mean() for ids in encoder.encode(p)], dtype=np.float32) for p in work]
     results, errors = [None] * 8, []
@@ -300,12 +298,12 @@ def test_mismatches_stop_before_deserializing(artifact):
     state["trt"] = fake_tensorrt(version="10.13.3.9")
     mismatch = "built with TensorRT 10.9.0.34, this process has TensorRT 10.13.3.9"
     with pytest.raises(tb.EnvironmentMismatch, match=mismatch):
-        tb.TensorRTReranker.load(root)
+        Reranker.load(root)
     assert state["trt"].deserialized == []
     state["trt"] = fake_tensorrt()
     state["gpu"] = tb.GpuInfo("NVIDIA L4", (8, 9), "550.54.15", 12080)
     with pytest.raises(tb.EnvironmentMismatch, match=r"this GPU is NVIDIA L4 \(compute capability 8.9\)"):
-        tb.TensorRTReranker.load(root)
+        Reranker.load(root)
     assert state["trt"].deserialized == []
 
 
@@ -313,29 +311,25 @@ def test_engine_problems_are_clear_errors(artifact):
     root, state = artifact
     (root / "model.plan").write_bytes(b"garbage")
     with pytest.raises(ArtifactError, match="damaged"):  # the sha256 in the manifest catches it first
-        tb.TensorRTReranker.load(root)
-    from ettin_runtime.manifest import read_manifest
-
-    manifest = read_manifest(root, verify_files=False)
+        Reranker.load(root)
+    unverified = Artifact.read(root)  # the manifest alone, no hashing: the engine itself must refuse it
     with pytest.raises(ArtifactError, match="could not deserialize .*magic tag mismatch"):
-        tb.TensorRTReranker.load(root, manifest)
+        unverified.load()
     (root / "model.plan").write_bytes(b"plan")
     state["trt"] = fake_tensorrt(max_pairs=4)
-    with pytest.raises(ArtifactError, match="manifest.json says the profile is .* the engine says"):
-        tb.TensorRTReranker.load(root, manifest)
+    with pytest.raises(ArtifactError, match="manifest.json says the profile holds 8 pairs and 1600 tokens, the engine 4"):
+        unverified.load()
     state["trt"] = fake_tensorrt(scores_dtype="float16")
     with pytest.raises(ArtifactError, match="not an ettin-export reranker engine: scores is output float16"):
-        tb.TensorRTReranker.load(root, manifest)
+        unverified.load()
 
 
 def test_an_onnx_artifact_is_not_taken_for_an_engine(artifact):
     root, _ = artifact
-    from ettin_runtime.manifest import read_manifest
-
-    manifest = read_manifest(root)
-    manifest.engine["format"] = "onnx"
+    loaded = Artifact.open(root)
+    onnx_one = loaded.replace(engine=dataclasses.replace(loaded.engine, format="onnx"))
     with pytest.raises(ArtifactError, match="holds a onnx graph, not a TensorRT engine"):
-        tb.TensorRTReranker.load(root, manifest)
+        tb.TensorRTReranker.from_artifact(onnx_one, LoadOptions())
 
 
 # --- without TensorRT, and without torch -----------------------------------------------------------------------
@@ -348,14 +342,16 @@ def test_missing_tensorrt_says_how_to_install_it():
         pytest.skip("TensorRT is installed here")
     except (ImportError, OSError):
         pass
-    with pytest.raises(ImportError, match=r"pip install tensorrt-cu12 --extra-index-url https://pypi.nvidia.com"):
+    from ettin_runtime.errors import MissingDependency
+
+    with pytest.raises(MissingDependency, match=r"pip install tensorrt-cu12 --extra-index-url https://pypi.nvidia.com"):
         tb.import_tensorrt()
 
 
 def test_the_backend_never_imports_torch():
-    code = ("import sys, numpy as np; from ettin_runtime import tensorrt_backend as tb; "
-            "from ettin_runtime.packing import pack; "
-            "tb.split_to_limits(pack([np.arange(5, dtype=np.int32)] * 3), tb.ProfileLimits(2, 100)); "
+    code = ("import sys, numpy as np; from ettin_runtime.backends import tensorrt as tb; "
+            "from ettin_runtime.artifact import TensorRTFacts; "
+            "tb.environment_problems(TensorRTFacts('10.9.0.34', '9.0'), '10.9.0.34', tb.GpuInfo('x', (9, 0), None, None)); "
             "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
@@ -431,15 +427,14 @@ def test_probe_without_a_usable_driver_is_a_clear_error(monkeypatch, lib, messag
 
 def test_loading_on_a_leaking_tensorrt_release_warns(artifact):
     root, state = artifact
-    from ettin_runtime.manifest import read_manifest
-
-    manifest = read_manifest(root)
+    loaded = Artifact.open(root)
     for version, leaks in (("11.1.0.106", True), ("11.2.1.2", True), ("10.9.0.34", False)):
-        manifest.engine["tensorrt_version"] = version
+        facts = dataclasses.replace(loaded.engine.tensorrt, tensorrt_version=version)
+        built = loaded.replace(engine=dataclasses.replace(loaded.engine, tensorrt=facts))
         state["trt"] = fake_tensorrt(version=version)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            tb.TensorRTReranker.load(root, manifest)
+            built.load()
         leak = [w for w in caught if "NVIDIA/TensorRT#4849" in str(w.message)]
         assert bool(leak) == leaks, version
         assert not leaks or issubclass(leak[0].category, RuntimeWarning)
@@ -450,7 +445,7 @@ def test_loading_on_a_leaking_tensorrt_release_warns(artifact):
 
 def test_real_engine_matches_the_bf16_pytorch_model(tmp_path, tiny_checkpoint):
     from ettin_export.targets import get_target
-    from ettin_export.tensorrt_build import TensorRTUnavailable, preflight
+    from ettin_export.engine.tensorrt import TensorRTUnavailable, preflight
 
     try:
         preflight(get_target("h100"))
@@ -458,9 +453,9 @@ def test_real_engine_matches_the_bf16_pytorch_model(tmp_path, tiny_checkpoint):
         pytest.skip(f"needs TensorRT and an H100/H200: {str(error).splitlines()[0]}")
     import torch
 
-    from ettin_export.build import BuildOptions, run_build
+    from ettin_export.pipeline import BuildOptions, run_build
     from ettin_export.checkpoint import load_checkpoint
-    from ettin_export.torch_runtime import TorchReranker
+    from ettin_export.model.torch_reranker import TorchReranker
 
     out = tmp_path / "tiny-h100"
     options = BuildOptions(out=out, target=get_target("h100"), max_length=200, max_batch_pairs=16,

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .tritonserver import SCRIPT, load_harness, server_env_or_skip
+from .tritonserver import SCRIPT, harness, server_env_or_skip
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,6 @@ ODD_TEXTS = ["", "a, b; \"quoted\" \\ back", "line\nbreak\ttab", "naïve café �
              "emoji 🐈‍⬛ 👍🏽", "x" * 700]
 
 
-harness = load_harness()
 
 
 # --------------------------------------------------------------------------------------------------

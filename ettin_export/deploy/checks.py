@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ettin_runtime.manifest import Manifest
+from ettin_runtime.artifact import CU_SEQLENS, INPUT_IDS, Artifact, TensorSpec
 
-from .schema import ConfigError, model_config_module
+from ettin_export.errors import DeployError, MissingDependency
+
+from ettin_export.deploy.schema import ConfigError, model_config_module
 
 # Triton data types and the graph dtypes they carry (the names the manifest uses).
 TRITON_DTYPES = {
@@ -22,21 +24,10 @@ TRITON_DTYPES = {
     "TYPE_BF16": "bfloat16", "TYPE_FP32": "float32", "TYPE_FP64": "float64", "TYPE_STRING": "bytes",
 }
 _ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 16: "bfloat16"}
-# The serving contract (manifest.GRAPH_INPUTS): the ragged token input and the offsets Triton derives from it.
-RAGGED_INPUT = "input_ids"
-OFFSETS_INPUT = "cu_seqlens"
+# The serving contract (ettin_runtime.artifact): the ragged token input and the offsets Triton derives from it.
+RAGGED_INPUT = INPUT_IDS
+OFFSETS_INPUT = CU_SEQLENS
 OFFSETS_KIND = "BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO"
-
-
-class DeployError(ValueError):
-    """`deploy` refused: the message says what is wrong and what to do. Nothing was written."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # "int32", "float32", ...
-    shape: tuple  # ints (static) or strings (named dynamic axes)
 
 
 @dataclass(frozen=True)
@@ -51,7 +42,7 @@ def signature_from_onnx(path: str | Path) -> GraphSignature:
     try:
         import onnx
     except ImportError as error:
-        raise ImportError("Reading the graph's inputs needs onnx: pip install 'ettin-export[export]'.") from error
+        raise MissingDependency("Reading the graph's inputs needs onnx: pip install 'ettin-export[export]'.") from error
     graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
 
@@ -67,16 +58,13 @@ def signature_from_onnx(path: str | Path) -> GraphSignature:
     )
 
 
-def signature_from_manifest(manifest: Manifest) -> GraphSignature:
-    def specs(entries) -> dict[str, TensorSpec]:
-        return {e["name"]: TensorSpec(e["name"], e["dtype"], tuple(e["shape"])) for e in entries}
-
-    return GraphSignature(specs(manifest.inputs), specs(manifest.outputs), "manifest.json")
+def signature_from_artifact(artifact: Artifact) -> GraphSignature:
+    return GraphSignature({t.name: t for t in artifact.inputs}, {t.name: t for t in artifact.outputs}, "manifest.json")
 
 
-def check_signature_matches_manifest(graph: GraphSignature, manifest: Manifest) -> None:
+def check_signature_matches_artifact(graph: GraphSignature, artifact: Artifact) -> None:
     """The graph file and the manifest's record of it must agree (names, dtypes, ranks)."""
-    recorded = signature_from_manifest(manifest)
+    recorded = signature_from_artifact(artifact)
     problems = []
     for kind, ours, theirs in (("input", graph.inputs, recorded.inputs), ("output", graph.outputs, recorded.outputs)):
         if set(ours) != set(theirs):
@@ -99,72 +87,34 @@ def check_signature_matches_manifest(graph: GraphSignature, manifest: Manifest) 
 # --------------------------------------------------------------------------------------------------
 
 
-def _triple(profile: dict, key: str) -> tuple[int, int, int]:
-    value = profile.get(key)
-    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) for v in value)
-            and 0 < value[0] <= value[1] <= value[2]):
-        raise DeployError(
-            f"manifest limits.profile.{key} is {value!r}; expected [min, opt, max] positive integers with "
-            "min <= opt <= max. Rebuild the engine with `ettin-export build --target ...`."
-        )
-    return tuple(value)
+def batch_limit(artifact: Artifact) -> tuple[int, str]:
+    """The most pairs per execution the engine holds when every pair is `max_length` tokens, and why:
+    at most max_batch_pairs, and max_batch_tokens // max_length (a TensorRT engine's are its profile's
+    maxima, so total_tokens max >= max_batch_size x max_length)."""
+    limits, length = artifact.limits, artifact.max_length
+    what = "the profile's" if limits.profile is not None else ""
+    caps = [
+        (limits.max_batch_pairs, f"{what} max_batch_pairs is {limits.max_batch_pairs}".strip()),
+        (limits.max_batch_tokens // length,
+         f"{what} max_batch_tokens {limits.max_batch_tokens} holds {limits.max_batch_tokens // length} pairs of "
+         f"max_length {length}".strip()),
+    ]
+    return min(caps, key=lambda cap: cap[0])  # ties: the first named explains best
 
 
-def _profile(manifest: Manifest) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
-    """(total_tokens, num_pairs_plus_1) of a TensorRT engine's profile; None for ONNX Runtime."""
-    if manifest.engine.get("format") != "tensorrt":
-        return None
-    profile = (manifest.limits or {}).get("profile")
-    if not isinstance(profile, dict):
-        raise DeployError(
-            "This TensorRT artifact's manifest has no limits.profile ({total_tokens, num_pairs_plus_1}), so "
-            "the batch size Triton may send cannot be checked against the engine. Rebuild it with a "
-            "current `ettin-export build`."
-        )
-    return _triple(profile, "total_tokens"), _triple(profile, "num_pairs_plus_1")
-
-
-def batch_limit(manifest: Manifest) -> tuple[int, str]:
-    """The most pairs per execution the engine holds when every pair is `max_length` tokens, and why.
-
-    For TensorRT: total_tokens max >= max_batch_size x max_length and num_pairs_plus_1 max >=
-    max_batch_size + 1. For both engines: the manifest's max_batch_pairs and max_batch_tokens."""
-    limits = manifest.limits or {}
-    length = int(manifest.max_length)
-    caps: list[tuple[int, str]] = []
-    profile = _profile(manifest)
-    if profile is not None:
-        tokens, pairs = profile
-        caps.append((pairs[2] - 1, f"the profile's num_pairs_plus_1 max {pairs[2]} holds {pairs[2] - 1} pairs"))
-        caps.append((tokens[2] // length,
-                     f"the profile's total_tokens max {tokens[2]} holds {tokens[2] // length} pairs of "
-                     f"max_length {length}"))
-    if limits.get("max_batch_tokens"):
-        tokens_max = int(limits["max_batch_tokens"])
-        caps.append((tokens_max // length,
-                     f"max_batch_tokens {tokens_max} holds {tokens_max // length} pairs of max_length {length}"))
-    if limits.get("max_batch_pairs"):
-        caps.append((int(limits["max_batch_pairs"]), f"max_batch_pairs is {limits['max_batch_pairs']}"))
-    if not caps:
-        raise DeployError("The manifest has no limits (max_batch_pairs / max_batch_tokens); rebuild the artifact.")
-    return min(caps, key=lambda cap: cap[0])  # ties: the first named (the profile) explains best
-
-
-def choose_max_batch_size(manifest: Manifest, requested: int | None, min_pair_tokens: int) -> int:
+def choose_max_batch_size(artifact: Artifact, requested: int | None, min_pair_tokens: int) -> int:
     """The engine model's `max_batch_size` (pairs per execution): `requested`, or the largest the engine
     holds at full length (`batch_limit`). Refuses what the engine cannot run, including a profile whose
     minimum is above one shortest pair (`min_pair_tokens`: the special tokens of an empty pair)."""
-    profile = _profile(manifest)
-    if profile is not None:
-        tokens, pairs = profile
-        if tokens[0] > min_pair_tokens or pairs[0] > 2:
-            raise DeployError(
-                f"The engine profile's minimum (total_tokens {tokens[0]}, num_pairs_plus_1 {pairs[0]}) is above a "
-                f"single shortest pair ({min_pair_tokens} tokens, 2 offsets): Triton would send batches the engine "
-                "rejects. Rebuild the engine with profile minimums of 1 token and 2 offsets."
-            )
-    limit, reason = batch_limit(manifest)
-    length = manifest.max_length
+    profile = artifact.limits.profile
+    if profile is not None and (profile.tokens[0] > min_pair_tokens or profile.pairs[0] > 1):
+        raise DeployError(
+            f"The engine profile's minimum ({profile.tokens[0]} tokens, {profile.pairs[0]} pairs) is above a single "
+            f"shortest pair ({min_pair_tokens} tokens): Triton would send batches the engine rejects. Rebuild the "
+            "engine with profile minimums of 1 token and 1 pair."
+        )
+    limit, reason = batch_limit(artifact)
+    length = artifact.max_length
     if limit < 1:
         raise DeployError(
             f"The engine cannot hold even one full-length pair: {reason}. Rebuild it with a larger profile, or a "
@@ -192,7 +142,7 @@ def _dtype(value: int) -> str:
     return model_config_module().DataType.Name(value)
 
 
-def check_engine_config(config, graph: GraphSignature, *, manifest: Manifest, builds_offsets: bool) -> None:
+def check_engine_config(config, graph: GraphSignature, *, artifact: Artifact, builds_offsets: bool) -> None:
     """A parsed engine-model ModelConfig against the graph and the engine's limits.
 
     `builds_offsets`: the model computes cu_seqlens itself (the python backend gets no batch inputs);
@@ -205,13 +155,13 @@ def check_engine_config(config, graph: GraphSignature, *, manifest: Manifest, bu
         problems.append("max_batch_size must be >= 1: pairs arrive one per request and are batched by Triton")
     else:
         try:
-            largest, reason = batch_limit(manifest)
+            largest, reason = batch_limit(artifact)
         except DeployError as error:
             problems.append(str(error))
         else:
             if config.max_batch_size > largest:
                 problems.append(
-                    f"max_batch_size {config.max_batch_size} full-length pairs of {manifest.max_length} tokens is "
+                    f"max_batch_size {config.max_batch_size} full-length pairs of {artifact.max_length} tokens is "
                     f"more than the engine holds ({reason})"
                 )
     if not config.HasField("dynamic_batching"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checks import OFFSETS_INPUT, OFFSETS_KIND, RAGGED_INPUT
+from ettin_export.deploy.checks import OFFSETS_INPUT, OFFSETS_KIND, RAGGED_INPUT
 
 DEFAULT_NAME = "ettin_reranker"
 # Requests the reranker takes in one execute(): all their pairs are fanned out together.

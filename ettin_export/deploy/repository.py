@@ -23,23 +23,22 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ettin_runtime.manifest import Manifest, read_manifest
+from ettin_runtime.artifact import TOKENIZER_FILES, Artifact, StagedFolder
 
-from .checks import (
+from ettin_export.deploy.checks import (
     DeployError,
     check_engine_config,
-    check_signature_matches_manifest,
+    check_signature_matches_artifact,
     choose_max_batch_size,
-    signature_from_manifest,
+    signature_from_artifact,
     signature_from_onnx,
 )
-from .configs import (
+from ettin_export.deploy.configs import (
     DEFAULT_NAME,
     ENGINE_BACKENDS,
     ENGINE_REQUEST_NOTES,
@@ -48,10 +47,9 @@ from .configs import (
     plan_filename,
     reranker_config,
 )
-from .schema import ConfigError, config_to_text, parse_config
+from ettin_export.deploy.schema import ConfigError, config_to_text, parse_config
 
 MARKER_NAME = "ettin-deploy.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TOKENIZER_DIR = "tokenizer"
 PACKING_MODULE = "ettin_packing.py"
 MAX_INFLIGHT_PAIRS = 256
@@ -89,46 +87,43 @@ class DeployedRepository:
     warnings: list[str] = field(default_factory=list)  # known faults of the plan's TensorRT release
 
 
-def _engine_backend(manifest: Manifest, options: DeployOptions) -> EngineBackend:
-    if manifest.engine.get("complete") is False:
+def _engine_backend(artifact: Artifact, options: DeployOptions) -> EngineBackend:
+    if not artifact.engine.complete:
         raise DeployError(
             "This artifact is unfinished (the ONNX export of a TensorRT build, made with --onnx-only): finish it on "
-            f"the GPU host first: {manifest.engine.get('finish_command') or 'ettin-export build ... --target h100'}"
+            f"the GPU host first: {artifact.engine.finish_command or 'ettin-export build ... --target h100'}"
         )
-    engine_format = manifest.engine.get("format")
-    if engine_format == "tensorrt":
+    if artifact.engine.format == "tensorrt":
         return ENGINE_BACKENDS["tensorrt"]
-    if engine_format == "onnx":
-        if options.cpu_backend not in ("python", "onnxruntime"):
-            raise DeployError(f"--cpu-backend must be 'python' or 'onnxruntime', got {options.cpu_backend!r}.")
-        if manifest.precision != "fp32":
-            raise DeployError(
-                f"This ONNX artifact is {manifest.precision} (target {manifest.target}); ONNX Runtime on the CPU "
-                "runs the fp32 graph. Deploy the TensorRT artifact built from it, or build `--target cpu`."
-            )
-        return ENGINE_BACKENDS[options.cpu_backend]
-    raise DeployError(f"Unknown engine format {engine_format!r} in the artifact's manifest.json.")
+    if options.cpu_backend not in ("python", "onnxruntime"):
+        raise DeployError(f"--cpu-backend must be 'python' or 'onnxruntime', got {options.cpu_backend!r}.")
+    if artifact.precision != "fp32":
+        raise DeployError(
+            f"This ONNX artifact is {artifact.precision} (target {artifact.target}); ONNX Runtime on the CPU "
+            "runs the fp32 graph. Deploy the TensorRT artifact built from it, or build `--target cpu`."
+        )
+    return ENGINE_BACKENDS[options.cpu_backend]
 
 
-def _graph_signature(artifact: Path, manifest: Manifest):
+def _graph_signature(artifact: Artifact):
     """From the ONNX file when the artifact has one (a TensorRT artifact may keep its bf16 ONNX beside
     the plan), checked against the manifest's record; else the manifest's record alone."""
-    engine = manifest.engine
-    candidates = [engine.get("file")] if engine.get("format") == "onnx" else [engine.get("onnx_file"), "model.onnx"]
+    engine = artifact.engine
+    candidates = [engine.file] if engine.format == "onnx" else [engine.record.get("onnx_file"), "model.onnx"]
     for name in candidates:
-        if name and (artifact / name).is_file():
-            graph = signature_from_onnx(artifact / name)
-            check_signature_matches_manifest(graph, manifest)
+        if name and artifact.path(name).is_file():
+            graph = signature_from_onnx(artifact.path(name))
+            check_signature_matches_artifact(graph, artifact)
             return graph
-    if engine.get("format") == "onnx":
-        raise DeployError(f"{artifact} has no {engine.get('file')}; the artifact is incomplete. Rebuild it.")
-    return signature_from_manifest(manifest)
+    if engine.format == "onnx":
+        raise DeployError(f"{artifact.root} has no {engine.file}; the artifact is incomplete. Rebuild it.")
+    return signature_from_artifact(artifact)
 
 
-def _min_pair_tokens(artifact: Path, manifest: Manifest) -> int:
+def _min_pair_tokens(artifact: Artifact) -> int:
     from ettin_runtime.packing import PairEncoder
 
-    return len(PairEncoder.from_dir(artifact, manifest.max_length).encode([("", "")])[0])
+    return len(PairEncoder.from_dir(artifact.root, artifact.max_length).encode([("", "")])[0])
 
 
 def _prepare_repo(repo: Path, force: bool) -> None:
@@ -156,52 +151,51 @@ def _model_source(name: str) -> str:
     return importlib.resources.files("ettin_export.deploy.models").joinpath(name).read_text(encoding="utf-8")
 
 
-def _header(manifest: Manifest, what: str, notes=()) -> str:
+def _header(artifact: Artifact, what: str, notes=()) -> str:
     import textwrap
 
-    from .. import __version__
+    from ettin_export import __version__
 
-    source = manifest.source.get("model", "?")
-    random = " (RANDOM WEIGHTS)" if manifest.random_weights else ""
+    source = artifact.source.model or "?"
+    random = " (RANDOM WEIGHTS)" if artifact.random_weights else ""
     lines = [f"# {line}" for note in notes for line in textwrap.wrap(note, 104)]
     return (
         f"# {what}\n"
         + "".join(f"{line}\n" for line in lines)
-        + f"# Generated by ettin-export {__version__} `deploy triton` from {source}{random}, target {manifest.target}, "
-        f"{manifest.precision}, max_length {manifest.max_length}.\n"
+        + f"# Generated by ettin-export {__version__} `deploy triton` from {source}{random}, target {artifact.target}, "
+        f"{artifact.precision}, max_length {artifact.max_length}.\n"
         "# Checked against Triton's ModelConfig schema and the graph; regenerate rather than edit.\n"
     )
 
 
-def tensorrt_serving_notes(engine: dict) -> tuple[list[str], list[str]]:
-    """(what the server needs, known faults of its TensorRT) for a TensorRT artifact's engine facts."""
-    from ettin_runtime.tensorrt_backend import cuda_version_text, driver_needed_for_ptx, tensorrt_version_warnings
+def tensorrt_serving_notes(facts) -> tuple[list[str], list[str]]:
+    """(what the server needs, known faults of its TensorRT) for a TensorRT artifact's facts."""
+    from ettin_runtime.backends.tensorrt import cuda_version_text, driver_needed_for_ptx, tensorrt_version_warnings
 
-    version = engine.get("tensorrt_version")
+    version = facts.tensorrt_version
     notes = [
         f"The plan loads only in TensorRT {version}, the release that built it: serve it in the Triton container "
         f"(nvcr.io/nvidia/tritonserver:<yy.mm>-py3) whose release notes list TensorRT {version}, i.e. the same "
         "<yy.mm> as the TensorRT or PyTorch container it was built in (check libnvinfer.so.* in both), or rebuild "
         "the artifact inside the serving release.",
     ]
-    needed = driver_needed_for_ptx(engine.get("ptx_version"))
+    needed = driver_needed_for_ptx(facts.ptx_version)
     if needed:
         notes.append(
-            f"Its attention kernels are PTX ISA {engine['ptx_version']} for {engine.get('ptx_target') or 'the GPU'}, "
+            f"Its attention kernels are PTX ISA {facts.ptx_version} for {facts.ptx_target or 'the GPU'}, "
             f"which the server's NVIDIA driver JIT-compiles: it must support CUDA {cuda_version_text(needed)} or newer "
-            f"(the build machine's: {engine.get('driver_version') or '?'}, "
-            f"CUDA {engine.get('cuda_driver_version') or '?'})."
+            f"(the build machine's: {facts.driver_version or '?'}, "
+            f"CUDA {cuda_version_text(facts.cuda_driver_version) or '?'})."
         )
     return notes, tensorrt_version_warnings(version)
 
 
 def deploy_triton(artifact_dir: str | Path, options: DeployOptions) -> DeployedRepository:
     """Generate, check and publish the repository. Raises DeployError (nothing written) when refused."""
-    artifact = Path(artifact_dir)
-    manifest = read_manifest(artifact)
-    if manifest.random_weights and not options.allow_random_weights:
+    artifact = Artifact.open(artifact_dir)
+    if artifact.random_weights and not options.allow_random_weights:
         raise DeployError(
-            f"{artifact} holds RANDOM weights ({manifest.source.get('model')}): its scores mean nothing. Deploy a "
+            f"{artifact.root} holds RANDOM weights ({artifact.source.model}): its scores mean nothing. Deploy a "
             "real checkpoint's artifact, or pass --allow-random-weights for a smoke test."
         )
     if not _NAME_PATTERN.match(options.name):
@@ -210,67 +204,62 @@ def deploy_triton(artifact_dir: str | Path, options: DeployOptions) -> DeployedR
         raise DeployError("--instances and --reranker-instances must be at least 1.")
     if options.queue_delay_us < 0 or options.max_documents < 1:
         raise DeployError("--queue-delay-us must be >= 0 and --max-documents >= 1.")
-    backend = _engine_backend(manifest, options)
-    graph = _graph_signature(artifact, manifest)
-    max_batch_size = choose_max_batch_size(manifest, options.max_batch_size, _min_pair_tokens(artifact, manifest))
+    backend = _engine_backend(artifact, options)
+    graph = _graph_signature(artifact)
+    max_batch_size = choose_max_batch_size(artifact, options.max_batch_size, _min_pair_tokens(artifact))
     repo = Path(options.repo)
     _prepare_repo(repo, options.force)
-
-    staging = repo.parent / f".{repo.name}.deploying-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging = StagedFolder(repo, "deploying")
     try:
-        result = _write(staging, artifact, manifest, backend, graph, max_batch_size, options)
-        _publish(staging, repo)
+        result = _write(staging.path, artifact, backend, graph, max_batch_size, options)
+        staging.publish()
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.discard()
         raise
     result.path = repo
     return result
 
 
-def _write(staging: Path, artifact: Path, manifest: Manifest, backend: EngineBackend, graph, max_batch_size: int,
+def _write(staging: Path, artifact: Artifact, backend: EngineBackend, graph, max_batch_size: int,
            options: DeployOptions) -> DeployedRepository:
     name = options.name
     engine_name = name + backend.suffix
     engine_dir = staging / engine_name / "1"
-    engine = manifest.engine
+    engine = artifact.engine
     files: dict[str, str] = {}  # repository path -> artifact path
 
-    serving_notes, warnings = tensorrt_serving_notes(engine) if backend.key == "tensorrt" else ([], [])
+    serving_notes, warnings = tensorrt_serving_notes(engine.tensorrt) if backend.key == "tensorrt" else ([], [])
     if backend.key == "tensorrt":
-        compute_capability = engine.get("compute_capability")
+        compute_capability = engine.tensorrt.compute_capability
         if not compute_capability or not re.fullmatch(r"\d+\.\d+", str(compute_capability)):
             raise DeployError(
                 f"The TensorRT artifact records compute_capability {compute_capability!r}; a plan runs only on the "
                 "GPU generation it was built for, so the repository maps it by that (e.g. \"9.0\"). Rebuild it."
             )
-        plan = artifact / engine["file"]
-        if not plan.is_file():
-            raise DeployError(f"{artifact} has no {engine['file']} (the TensorRT plan).")
-        files[f"{engine_name}/1/{plan_filename(compute_capability)}"] = engine["file"]
+        if not artifact.path(engine.file).is_file():
+            raise DeployError(f"{artifact.root} has no {engine.file} (the TensorRT plan).")
+        files[f"{engine_name}/1/{plan_filename(compute_capability)}"] = engine.file
         parameters = None
     else:
         compute_capability = None
-        files[f"{engine_name}/1/model.onnx"] = engine["file"]
-        if engine.get("external_data"):
-            files[f"{engine_name}/1/{engine['external_data']}"] = engine["external_data"]
+        files[f"{engine_name}/1/model.onnx"] = engine.file
+        if engine.external_data:
+            files[f"{engine_name}/1/{engine.external_data}"] = engine.external_data
         parameters = None
         if backend.key == "python":
-            parameters = {"onnx_file": "model.onnx", "max_length": manifest.max_length,
-                          "vocab_size": manifest.model.get("vocab_size", 2**31 - 1), "intra_op_threads": 0}
+            parameters = {"onnx_file": "model.onnx", "max_length": artifact.max_length,
+                          "vocab_size": artifact.model.vocab_size, "intra_op_threads": 0}
     engine_text = config_to_text(
         engine_config(backend, engine_name, max_batch_size=max_batch_size, instances=options.instances,
                       queue_delay_us=options.queue_delay_us, compute_capability=compute_capability,
                       parameters=parameters),
-        _header(manifest, f"Engine model: {backend.description}.", ENGINE_REQUEST_NOTES[backend.key]
+        _header(artifact, f"Engine model: {backend.description}.", ENGINE_REQUEST_NOTES[backend.key]
                 + (tuple(serving_notes) if backend.key == "tensorrt" else ())),
     )
 
-    tokenizer_files = [f for f in TOKENIZER_FILES if (artifact / f).is_file()]
+    tokenizer_files = [f for f in TOKENIZER_FILES if artifact.path(f).is_file()]
     if "tokenizer.json" not in tokenizer_files:
-        raise DeployError(f"{artifact} has no tokenizer.json; the reranker model tokenizes with it. Rebuild the artifact.")
+        raise DeployError(f"{artifact.root} has no tokenizer.json; the reranker model tokenizes with it. Rebuild the artifact.")
     for file in tokenizer_files:
         files[f"{name}/1/{TOKENIZER_DIR}/{file}"] = file
     # Pairs one reranker instance keeps in flight: a full batch for every engine instance. Each is a BLS
@@ -278,21 +267,21 @@ def _write(staging: Path, artifact: Path, manifest: Manifest, backend: EngineBac
     max_inflight = min(MAX_INFLIGHT_PAIRS, max(32, max_batch_size * options.instances))
     reranker_parameters = {
         "engine_model": engine_name,
-        "max_length": manifest.max_length,
+        "max_length": artifact.max_length,
         "tokenizer_dir": TOKENIZER_DIR,
         "max_documents": options.max_documents,
         "max_inflight_pairs": max_inflight,
-        "score_activation": manifest.score_activation,
-        "source_model": manifest.source.get("model", ""),
-        "random_weights": str(manifest.random_weights).lower(),
+        "score_activation": artifact.score_activation,
+        "source_model": artifact.source.model or "",
+        "random_weights": str(artifact.random_weights).lower(),
     }
     reranker_text = config_to_text(
         reranker_config(name, instances=options.reranker_instances, parameters=reranker_parameters),
-        _header(manifest, f"Reranker model (entry point): query + documents -> scores, via {engine_name}."),
+        _header(artifact, f"Reranker model (entry point): query + documents -> scores, via {engine_name}."),
     )
 
     for destination, source in files.items():
-        _place(artifact / source, staging / destination)
+        _place(artifact.path(source), staging / destination)
     if backend.key == "python":
         (engine_dir / "model.py").write_text(_model_source("ort_engine.py"), encoding="utf-8")
     reranker_dir = staging / name / "1"
@@ -304,17 +293,17 @@ def _write(staging: Path, artifact: Path, manifest: Manifest, backend: EngineBac
     for model, text in configs.items():
         (staging / model / "config.pbtxt").write_text(text, encoding="utf-8")
 
-    check_repository(staging, manifest, graph, engine_name, name, builds_offsets=not backend.offsets_from_batch_input)
+    check_repository(staging, artifact, graph, engine_name, name, builds_offsets=not backend.offsets_from_batch_input)
     requirements = PYTHON_REQUIREMENTS["reranker"] + PYTHON_REQUIREMENTS.get(backend.key, [])
-    tensorrt_version = engine.get("tensorrt_version") if backend.key == "tensorrt" else None
+    tensorrt_version = engine.tensorrt.tensorrt_version if backend.key == "tensorrt" else None
     server_args = [f"--backend-config=python,thread-pool-size={max(32, max_inflight)}"]
     marker = {
         "generated_by": "ettin-export deploy triton",
-        "artifact": str(artifact.resolve()),
-        "source": manifest.source,
-        "target": manifest.target,
-        "precision": manifest.precision,
-        "max_length": manifest.max_length,
+        "artifact": str(artifact.root.resolve()),
+        "source": artifact.source.to_json(),
+        "target": artifact.target,
+        "precision": artifact.precision,
+        "max_length": artifact.max_length,
         "reranker_model": name,
         "engine_model": engine_name,
         "engine_backend": backend.key,
@@ -324,14 +313,14 @@ def _write(staging: Path, artifact: Path, manifest: Manifest, backend: EngineBac
         "server_args": server_args,
         "serving_notes": serving_notes,
         "warnings": warnings,
-        "files": {dest: manifest.files[src] for dest, src in files.items() if src in manifest.files},
+        "files": {dest: artifact.files[src] for dest, src in files.items() if src in artifact.files},
     }
     (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return DeployedRepository(staging, name, engine_name, backend.key, max_batch_size, configs, requirements,
                               tensorrt_version, server_args, serving_notes, warnings)
 
 
-def check_repository(root: Path, manifest: Manifest, graph, engine_name: str, reranker_name: str,
+def check_repository(root: Path, artifact: Artifact, graph, engine_name: str, reranker_name: str,
                      *, builds_offsets: bool) -> None:
     """Parse every config.pbtxt back from disk against the schema and cross-check it; check that the
     files each model loads are inside the repository."""
@@ -341,25 +330,26 @@ def check_repository(root: Path, manifest: Manifest, graph, engine_name: str, re
     for config, folder in ((engine, engine_name), (reranker, reranker_name)):
         if config.name != folder:
             problems.append(f"{folder}/config.pbtxt names the model {config.name!r}; Triton requires the folder name")
-    check_engine_config(engine, graph, manifest=manifest, builds_offsets=builds_offsets)
+    check_engine_config(engine, graph, artifact=artifact, builds_offsets=builds_offsets)
     version = root / engine_name / "1"
     if engine.platform == "tensorrt_plan":
-        if list(engine.cc_model_filenames) != [str(manifest.engine.get("compute_capability"))]:
+        capability = artifact.engine.tensorrt.compute_capability
+        if list(engine.cc_model_filenames) != [str(capability)]:
             problems.append(f"cc_model_filenames {dict(engine.cc_model_filenames)} does not map the plan's compute "
-                            f"capability {manifest.engine.get('compute_capability')}")
+                            f"capability {capability}")
         needed = list(engine.cc_model_filenames.values())
     elif engine.backend == "python":
         needed = ["model.py", engine.parameters["onnx_file"].string_value]
     else:
         needed = [engine.default_model_filename or "model.onnx"]
-    if manifest.engine.get("external_data") and engine.platform != "tensorrt_plan":
-        needed.append(manifest.engine["external_data"])
+    if artifact.engine.external_data and engine.platform != "tensorrt_plan":
+        needed.append(artifact.engine.external_data)
     parameters = {k: v.string_value for k, v in reranker.parameters.items()}
     if parameters.get("engine_model") != engine_name:
         problems.append(f"the reranker calls {parameters.get('engine_model')!r}, not the engine model {engine_name!r}")
-    if int(parameters.get("max_length", -1)) != manifest.max_length:
+    if int(parameters.get("max_length", -1)) != artifact.max_length:
         problems.append(f"the reranker truncates to {parameters.get('max_length')} tokens, the engine is built for "
-                        f"{manifest.max_length}")
+                        f"{artifact.max_length}")
     missing = [str((version / n).relative_to(root)) for n in needed if not (version / n).is_file()]
     reranker_version = root / reranker_name / "1"
     for n in ("model.py", PACKING_MODULE, f"{parameters.get('tokenizer_dir')}/tokenizer.json"):
@@ -369,12 +359,3 @@ def check_repository(root: Path, manifest: Manifest, graph, engine_name: str, re
         problems.append(f"files the models load are missing from the repository: {missing}")
     if problems:
         raise ConfigError("The generated repository is inconsistent: " + "; ".join(problems) + ".")
-
-
-def _publish(staging: Path, repo: Path) -> None:
-    backup = repo.parent / f".{repo.name}.old-{os.getpid()}"
-    if repo.exists():
-        repo.rename(backup)
-    staging.rename(repo)
-    if backup.exists():
-        shutil.rmtree(backup)

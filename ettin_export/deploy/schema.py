@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ettin_runtime.errors import EttinError, MissingDependency
+
 INSTALL_HINT = "pip install 'ettin-export[triton-client]'  (tritonclient[grpc] and protobuf>=6.33.5)"
 
 
-class ConfigError(ValueError):
+class ConfigError(EttinError, ValueError):
     """A model configuration that Triton would reject, or that does not fit the model it serves."""
 
 
@@ -30,21 +32,21 @@ def model_config_module():
     except ImportError as first_error:  # tritonclient without grpcio: the generated module needs only protobuf
         spec = importlib.util.find_spec("tritonclient")
         if spec is None or not spec.submodule_search_locations:
-            raise ImportError(
+            raise MissingDependency(
                 f"`ettin-export deploy` checks every config.pbtxt against Triton's ModelConfig schema, which "
                 f"comes with tritonclient: {INSTALL_HINT}."
             ) from first_error
         path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
         if not path.is_file():
-            raise ImportError(f"tritonclient is installed but has no {path}; {INSTALL_HINT}.") from first_error
+            raise MissingDependency(f"tritonclient is installed but has no {path}; {INSTALL_HINT}.") from first_error
         module_spec = importlib.util.spec_from_file_location("_ettin_triton_model_config_pb2", path)
         module = importlib.util.module_from_spec(module_spec)
         try:
             module_spec.loader.exec_module(module)
         except Exception as error:  # protobuf's runtime/gencode version check raises its own types
-            raise ImportError(f"Cannot load Triton's ModelConfig schema from {path}: {error}. {INSTALL_HINT}.") from error
+            raise MissingDependency(f"Cannot load Triton's ModelConfig schema from {path}: {error}. {INSTALL_HINT}.") from error
     except Exception as error:  # protobuf's runtime/gencode version check (older protobuf than the gencode)
-        raise ImportError(f"Cannot load Triton's ModelConfig schema: {error}. {INSTALL_HINT}.") from error
+        raise MissingDependency(f"Cannot load Triton's ModelConfig schema: {error}. {INSTALL_HINT}.") from error
     _model_config_module = module
     return module
 

@@ -16,7 +16,9 @@ def varlen_attention(q, k, v, cu_seqlens, window: int, **launch_options):
     try:
         import triton  # noqa: F401
     except ImportError as exc:
-        raise ImportError(
+        from ettin_runtime.errors import MissingDependency
+
+        raise MissingDependency(
             "The ettin varlen-attention kernel needs OpenAI Triton: `pip install triton` "
             "(or `pip install ettin-export[kernel]`)."
         ) from exc

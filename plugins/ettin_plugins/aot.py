@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ettin_runtime.errors import MissingDependency
+
 from .spec import HEAD_DIM, INPUTS, OUTPUTS
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -189,7 +191,7 @@ def triton_version_problem(version: str) -> str | None:
             f"entry it rewrites. Install a supported one: pip install '{TRITON_REQUIREMENT}'.")
 
 
-class TritonVersionError(ImportError):
+class TritonVersionError(MissingDependency):
     """The installed OpenAI Triton is outside TRITON_RANGE (an ImportError: as good as not installed)."""
 
 
@@ -197,7 +199,7 @@ def _import_triton():
     try:
         import triton
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependency(
             f"The AOT compile step needs OpenAI Triton: pip install '{TRITON_REQUIREMENT}' "
             "(or `pip install ettin-export[kernel]`). No GPU is needed to compile."
         ) from exc

@@ -12,6 +12,8 @@ tensorrt.plugin inspects the annotations as classes (issubclass), not strings.
 import inspect
 from typing import List, Tuple, Union
 
+from ettin_runtime.errors import MissingDependency
+
 from . import aot, spec
 
 _INSTALL_HINT = (
@@ -45,9 +47,9 @@ def _import_tensorrt():
         import tensorrt as trt
         import tensorrt.plugin as trtp
     except (ImportError, OSError) as exc:  # OSError: bindings present but libnvinfer missing
-        raise ImportError(f"{_INSTALL_HINT} ({type(exc).__name__}: {exc})") from exc
+        raise MissingDependency(f"{_INSTALL_HINT} ({type(exc).__name__}: {exc})") from exc
     if not hasattr(trtp, "aot_impl"):
-        raise ImportError(f"TensorRT {trt.__version__} has no tensorrt.plugin.aot_impl (added in 10.9). {_INSTALL_HINT}")
+        raise MissingDependency(f"TensorRT {trt.__version__} has no tensorrt.plugin.aot_impl (added in 10.9). {_INSTALL_HINT}")
     return trt, trtp
 
 

@@ -1,20 +1,36 @@
 """ettin_runtime: thin runtime wrappers for exported Ettin rerankers (numpy + tokenizers, no torch).
 
     from ettin_runtime import Reranker
-    reranker = Reranker.load("artifacts/17m")      # picks the backend from the artifact's manifest
+    reranker = Reranker.load("artifacts/17m-cpu")   # the runtime its manifest names
     reranker.predict([("query", "document")])       # float32 raw scores, input order
     reranker.rank("query", ["doc a", "doc b"], top_k=1)
+
+    artifact.py     the artifact folder as typed data: Artifact.open, the RUNTIMES registry, StagedFolder
+    reranker.py     the contract: Reranker (predict / rank / close) and PackedBatchReranker (local runtimes)
+    packing.py      CrossEncoder-exact tokenization and unpadded packing
+    backends/       one file per local runtime (ONNX Runtime, TensorRT)
+    triton_client.py  TritonReranker: the same contract against a Triton Inference Server
+    errors.py       the one error root
 """
 
-from .base import Reranker, apply_activation
+from .artifact import Artifact
+from .errors import ArtifactError, EttinError, MissingDependency, RuntimeRefused
 from .packing import PackedBatch, PairEncoder, PairInputError, pack, packed_batches, plan_batches
+from .reranker import LoadOptions, PackedBatchReranker, Reranker, apply_activation
 
 __all__ = [
+    "Artifact",
+    "ArtifactError",
+    "EttinError",
+    "LoadOptions",
+    "MissingDependency",
     "OnnxRuntimeReranker",
     "PackedBatch",
+    "PackedBatchReranker",
     "PairEncoder",
     "PairInputError",
     "Reranker",
+    "RuntimeRefused",
     "TensorRTReranker",
     "TritonReranker",
     "apply_activation",
@@ -25,14 +41,14 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {
-    "OnnxRuntimeReranker": "onnxruntime_backend",
-    "TensorRTReranker": "tensorrt_backend",
+    "OnnxRuntimeReranker": "backends.onnxruntime",
+    "TensorRTReranker": "backends.tensorrt",
     "TritonReranker": "triton_client",
 }
 
 
 def __getattr__(name):
-    """Backends import their own runtime (onnxruntime, tensorrt, tritonclient) only when asked for."""
+    """Runtimes import their own library (onnxruntime, tensorrt, tritonclient) only when asked for."""
     if name in _LAZY:
         import importlib
 

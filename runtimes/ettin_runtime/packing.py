@@ -20,8 +20,24 @@ _VERY_LARGE_INTEGER = int(1e30)
 Pair = tuple[str, str]
 
 
-class PairInputError(ValueError):
+try:  # inside the ettin_runtime package: under the project's one error root
+    from .errors import EttinError
+
+    _ERROR_BASES: tuple[type, ...] = (EttinError, ValueError)
+except ImportError:  # copied alone into a Triton model repository (as ettin_packing.py)
+    _ERROR_BASES = (ValueError,)
+
+
+class PackingError(*_ERROR_BASES):
+    """A setting or input the packer cannot use; the message says what to pass instead."""
+
+
+class PairInputError(PackingError):
     """A pair that is not (str, str)."""
+
+
+class TokenizerMissing(PackingError, FileNotFoundError):
+    """A folder without the tokenizer.json that every runtime tokenizes with."""
 
 
 @dataclass(frozen=True)
@@ -52,11 +68,11 @@ def resolve_max_length(checkpoint_dir: str | Path, override: int | None = None) 
     root = Path(checkpoint_dir)
     if override is not None:
         if isinstance(override, bool) or not isinstance(override, (int, np.integer)) or override < 2:
-            raise ValueError(f"max_length must be an integer of at least 2 tokens (room for the special tokens), "
+            raise PackingError(f"max_length must be an integer of at least 2 tokens (room for the special tokens), "
                              f"got {override!r}.")
         positions = _read_json(root / "config.json").get("max_position_embeddings")
         if positions not in (None, -1) and override > int(positions):
-            raise ValueError(
+            raise PackingError(
                 f"max_length {override} is beyond the model's {positions} positions (max_position_embeddings in "
                 f"{root / 'config.json'}); pass at most {positions}."
             )
@@ -69,7 +85,7 @@ def resolve_max_length(checkpoint_dir: str | Path, override: int | None = None) 
     limits = [int(tokenizer_limit)] + ([int(model_limit)] if model_limit not in (None, -1) else [])
     limit = min(limits)
     if limit >= _VERY_LARGE_INTEGER:
-        raise ValueError(
+        raise PackingError(
             f"{root} sets no maximum length (no max_seq_length, tokenizer model_max_length or "
             "max_position_embeddings): pass max_length explicitly."
         )
@@ -105,7 +121,7 @@ class PairEncoder:
         root = Path(path)
         tokenizer_file = root / "tokenizer.json"
         if not tokenizer_file.is_file():
-            raise FileNotFoundError(
+            raise TokenizerMissing(
                 f"{root} has no tokenizer.json. ettin-export needs a fast (tokenizers) tokenizer file; "
                 "re-save the tokenizer with transformers' save_pretrained to create one."
             )
@@ -151,6 +167,14 @@ def _preview(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def cu_seqlens_of(lengths) -> np.ndarray:
+    """flash-attention's offsets of pairs of these lengths: int32 [B+1] = 0, len0, len0+len1, ..., T."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    cu_seqlens = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu_seqlens[1:])
+    return cu_seqlens
+
+
 def pack(token_ids: Sequence[np.ndarray], order: np.ndarray | None = None) -> PackedBatch:
     """Concatenate pairs into one varlen batch. Every pair must have at least one token."""
     lengths = np.fromiter((len(ids) for ids in token_ids), dtype=np.int64, count=len(token_ids))
@@ -158,8 +182,7 @@ def pack(token_ids: Sequence[np.ndarray], order: np.ndarray | None = None) -> Pa
         raise ValueError("Cannot pack an empty batch.")
     if lengths.min() < 1:
         raise ValueError("Every packed pair needs at least one token.")
-    cu_seqlens = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=cu_seqlens[1:])
+    cu_seqlens = cu_seqlens_of(lengths)
     total = int(cu_seqlens[-1])
     input_ids = np.concatenate(token_ids).astype(np.int32, copy=False)
     position_ids = (np.arange(total, dtype=np.int32) - np.repeat(cu_seqlens[:-1], lengths)).astype(np.int32)

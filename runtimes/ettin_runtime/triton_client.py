@@ -27,15 +27,16 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .base import Reranker, apply_activation
+from .errors import MissingDependency, RuntimeRefused
 from .packing import Pair, _split_pairs
+from .reranker import Reranker, _reject_single_pair
 
 PROTOCOLS = ("http", "grpc")
 _MAX_MESSAGE = 2**31 - 1
 INSTALL_HINT = "pip install 'ettin-export[triton-client]'  (or: pip install 'tritonclient[http,grpc]')"
 
 
-class TritonRerankerError(RuntimeError):
+class TritonRerankerError(RuntimeRefused):
     """The server refused or failed a request. `status`: the HTTP status ("400") or gRPC code name
     ("INVALID_ARGUMENT")."""
 
@@ -60,7 +61,7 @@ def _import_client(protocol: str):
             import tritonclient.http as module
         from tritonclient.utils import InferenceServerException
     except ImportError as error:
-        raise ImportError(f"TritonReranker over {protocol} needs tritonclient: {INSTALL_HINT}.") from error
+        raise MissingDependency(f"TritonReranker over {protocol} needs tritonclient: {INSTALL_HINT}.") from error
     return module, InferenceServerException
 
 
@@ -164,12 +165,6 @@ class TritonReranker(Reranker):
                 pass
         self._local = threading.local()
 
-    def __enter__(self) -> TritonReranker:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def _error(self, error, what: str) -> TritonRerankerError:
         status = error.status() if hasattr(error, "status") else None
         message = error.message() if hasattr(error, "message") else str(error)
@@ -200,14 +195,11 @@ class TritonReranker(Reranker):
         self._max_length = int(parameters["max_length"]) if parameters.get("max_length") else None
         self.activation = parameters.get("score_activation") or "identity"
         self.max_documents = int(parameters.get("max_documents") or self.batch_size)
-        self.encoder = None  # tokenization happens on the server
 
     @property
     def max_length(self) -> int | None:
+        """The server's max_length (it tokenizes and truncates)."""
         return self._max_length
-
-    def _score(self, batch):
-        raise NotImplementedError("TritonReranker scores on the server: call predict() or rank().")
 
     # ----------------------------------------------------------------------------------------------
     # Requests
@@ -313,8 +305,7 @@ class TritonReranker(Reranker):
             batch_size: documents per request (default: the constructor's `batch_size`).
             activation: None for raw scores; "sigmoid", "identity", or "default" (the model's own).
         """
-        if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs):
-            raise TypeError("predict() takes a list of pairs; wrap a single pair as [(query, document)].")
+        _reject_single_pair(pairs)
         queries, documents = _split_pairs(pairs)
         chunk = max(1, min(int(batch_size or self.batch_size), self.max_documents))
         by_query: dict[str, list[int]] = {}
@@ -333,4 +324,4 @@ class TritonReranker(Reranker):
                     f"{self.model} returned {result.scores.shape[0]} scores for {len(part)} documents."
                 )
             scores[part] = result.scores
-        return apply_activation(scores, self.activation if activation == "default" else activation)
+        return self._activation(scores, activation)

@@ -1,0 +1,47 @@
+"""`ettin-export build MODEL | --size S --target cpu|h100`: checkpoint -> parity-checked artifact folder
+(ettin_export.pipeline). Exit 0 built, 1 parity failed (the build is kept at OUT.rejected), 2 refused."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ettin_export.commands.common import add_model_arguments, open_checkpoint
+from ettin_export.errors import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, allow_artifact=False)
+    parser.add_argument("--target", default="cpu", help="cpu (fp32 ONNX Runtime) or h100 (bf16 TensorRT)")
+    parser.add_argument("--out", help="artifact folder (default: artifacts/<name>-<target>)")
+    parser.add_argument("--max-batch-size", type=int, help="most pairs per forward pass (TensorRT: the profile's)")
+    parser.add_argument("--max-batch-tokens", type=int, help="most tokens per forward pass")
+    parser.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
+    parser.add_argument("--onnx-only", action="store_true", help="h100: write the bf16 ONNX and stop (no TensorRT here)")
+    parser.add_argument("--skip-crossencoder-check", action="store_true",
+                        help="do not compare the packed model with sentence-transformers before exporting")
+    parser.add_argument("--parity-queries", type=int,
+                        help="queries (30-100 documents each) in the built-in parity set (default 10; 2 for models "
+                             "above hidden size 512 on the CPU target)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def default_out(args, target) -> Path:
+    name = args.size or Path(args.model.rstrip("/")).name
+    return Path("artifacts") / f"{name}{'-random' if args.random_weights else ''}-{target.name}"
+
+
+def run(args) -> int:
+    from ettin_export.pipeline import BuildOptions, run_build
+    from ettin_export.targets import get_target
+
+    target = get_target(args.target)
+    if args.model is None and args.size is None:
+        raise UsageError("name a model: a checkpoint folder or hub id, or --size SIZE [--random-weights].")
+    options = BuildOptions(
+        out=Path(args.out) if args.out else default_out(args, target), target=target, max_length=args.max_length,
+        max_batch_pairs=args.max_batch_size, max_batch_tokens=args.max_batch_tokens, force=args.force,
+        onnx_only=args.onnx_only, check_crossencoder=not args.skip_crossencoder_check,
+        parity_queries=args.parity_queries, quiet=args.quiet, command_line=["ettin-export", *args.argv],
+    )
+    return run_build(lambda: open_checkpoint(args), options)

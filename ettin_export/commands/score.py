@@ -1,0 +1,34 @@
+"""`ettin-export score MODEL --pairs FILE.jsonl`: one {"score"} line per pair, in input order."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ettin_export.commands.common import add_model_arguments, open_reranker, read_pairs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, allow_artifact=True)
+    parser.add_argument("--pairs", required=True, help='JSON lines, one {"query": ..., "document": ...} per line')
+    parser.add_argument("--out", help="write the scores here (default: stdout)")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    parser.add_argument("--batch-size", type=int, help="at most this many pairs per forward pass")
+    parser.add_argument("--activation", choices=["sigmoid", "identity", "default"],
+                        help="apply an activation to the raw scores (default: none, raw scores)")
+    parser.add_argument("--device", default="cpu", help="torch runtime: cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="torch runtime precision")
+
+
+def run(args) -> int:
+    pairs = read_pairs(args.pairs)
+    with open_reranker(args, args.runtime) as reranker:
+        scores = reranker.predict(pairs, batch_size=args.batch_size, activation=args.activation)
+    lines = "".join(json.dumps({"score": float(s)}) + "\n" for s in scores)
+    if args.out:
+        Path(args.out).write_text(lines, encoding="utf-8")
+    else:
+        sys.stdout.write(lines)
+    return 0

@@ -1,0 +1,230 @@
+"""DESIGN.md's "same scores", applied: the metrics, the one error bound (`check_bound`), the verdict
+(`judge`) and the report every command prints."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ettin_export.targets import Target
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation with average ranks for ties (no scipy needed)."""
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denominator) if denominator > 0 else 1.0
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(len(values), dtype=np.float64)
+    sorted_values = values[order]
+    start = 0
+    for end in range(1, len(values) + 1):
+        if end == len(values) or sorted_values[end] != sorted_values[start]:
+            ranks[order[start:end]] = (start + end - 1) / 2.0
+            start = end
+    return ranks
+
+
+@dataclass
+class ParityMetrics:
+    pairs: int
+    queries: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    spearman: float
+    top1_agreement: float
+    top10_overlap: float
+
+    @classmethod
+    def compute(cls, reference: np.ndarray, candidate: np.ndarray, spans: Sequence[slice]) -> ParityMetrics:
+        reference = np.asarray(reference, dtype=np.float64)
+        candidate = np.asarray(candidate, dtype=np.float64)
+        diff = np.abs(reference - candidate)
+        top1, overlap = [], []
+        for span in spans:
+            ref, cand = reference[span], candidate[span]
+            top1.append(int(np.argmax(ref)) == int(np.argmax(cand)))
+            k = min(10, len(ref))
+            ref_top = set(np.argsort(-ref, kind="stable")[:k].tolist())
+            cand_top = set(np.argsort(-cand, kind="stable")[:k].tolist())
+            overlap.append(len(ref_top & cand_top) / k)
+        return cls(
+            pairs=len(reference), queries=len(spans),
+            max_abs_diff=float(diff.max()) if len(diff) else 0.0,
+            mean_abs_diff=float(diff.mean()) if len(diff) else 0.0,
+            spearman=spearman(reference, candidate) if len(reference) > 1 else 1.0,
+            top1_agreement=float(np.mean(top1)) if top1 else 1.0,
+            top10_overlap=float(np.mean(overlap)) if overlap else 1.0,
+        )
+
+
+@dataclass(frozen=True)
+class References:
+    """What a candidate's scores are judged against, on the same pairs in the same order.
+
+    anchor: the packed model in float64 (the exact function, up to fp64 rounding).
+    own: a reference computed at the candidate's own precision (CrossEncoder fp32 for an fp32
+        candidate, the packed model in bf16 with flash attention for a bf16 one): its distance to the
+        anchor is what rounding alone does to this checkpoint, and the bound scales with it."""
+
+    anchor: np.ndarray
+    anchor_name: str
+    own: np.ndarray
+    own_name: str
+
+    def subset(self, index) -> References:
+        index = np.asarray(index)
+        return References(self.anchor[index], self.anchor_name, self.own[index], self.own_name)
+
+
+def _max_abs(a, b) -> float:
+    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    return float(diff.max()) if diff.size else 0.0
+
+
+@dataclass(frozen=True)
+class BoundCheck:
+    """The error bound of DESIGN.md applied once: max |candidate - anchor| against
+    error_ratio x max |own - anchor| + error_slack, on the same pairs."""
+
+    error: float  # max |candidate - anchor|
+    own_error: float  # max |own reference - anchor|
+    versus_own: float  # max |candidate - own reference|: the old absolute figure, for information
+    limit: float
+    rule: str  # e.g. "2 x 6.05e-05 + 1e-05 = 0.000131"
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= self.limit
+
+    def describe(self) -> str:
+        return (f"candidate vs anchor {self.error:.3g} (bound {self.rule}), own reference vs anchor "
+                f"{self.own_error:.3g}, candidate vs own reference {self.versus_own:.3g}")
+
+
+def check_bound(candidate, references: References, bounds) -> BoundCheck:
+    """`bounds` is a targets.ScoreBounds (FP32_BOUNDS for fp32 candidates)."""
+    if len(candidate) != len(references.anchor):
+        raise ValueError(f"{len(candidate)} candidate scores for {len(references.anchor)} reference scores.")
+    own_error = _max_abs(references.own, references.anchor)
+    return BoundCheck(_max_abs(candidate, references.anchor), own_error, _max_abs(candidate, references.own),
+                      bounds.limit(own_error), bounds.describe(own_error))
+
+
+@dataclass
+class ParityReport:
+    """What `build` stores in parity.json and `verify` prints: the candidate against the anchor
+    (fp64), the reference's own error at the candidate's precision against the same anchor, and the
+    candidate against that reference (for information: the old absolute figure)."""
+
+    target: str
+    precision: str
+    candidate: str  # e.g. "onnxruntime fp32 (CPU)", "tensorrt bf16 (H100)"
+    reference: str  # the anchor, e.g. "packed PyTorch fp64 (CPU, exact attention)"
+    metrics: ParityMetrics  # candidate vs anchor
+    reference_lowp: str | None = None  # the own reference, e.g. "sentence-transformers CrossEncoder fp32"
+    reference_lowp_metrics: ParityMetrics | None = None  # own reference vs anchor
+    candidate_vs_reference_lowp: ParityMetrics | None = None  # candidate vs own reference
+    anchor_precision: str = "fp64"
+    bounds: dict = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["passed"] = self.passed
+        return data
+
+    def summary(self) -> dict:
+        """The short form kept in manifest.json."""
+        m = self.metrics
+        out = {
+            "passed": self.passed, "candidate": self.candidate, "reference": self.reference,
+            "anchor_precision": self.anchor_precision,
+            "pairs": m.pairs, "queries": m.queries, "max_abs_diff": m.max_abs_diff,
+            "mean_abs_diff": m.mean_abs_diff, "spearman": m.spearman,
+            "top1_agreement": m.top1_agreement, "top10_overlap": m.top10_overlap,
+            "max_abs_bound": self.bounds.get("max_abs_diff"),
+        }
+        if self.reference_lowp_metrics is not None:
+            out["reference_lowp"] = self.reference_lowp
+            out["reference_lowp_max_abs_diff"] = self.reference_lowp_metrics.max_abs_diff
+        if self.candidate_vs_reference_lowp is not None:
+            out["candidate_vs_reference_lowp_max_abs_diff"] = self.candidate_vs_reference_lowp.max_abs_diff
+        return out
+
+
+def judge(
+    target: Target,
+    candidate_name: str,
+    candidate: np.ndarray,
+    references: References,
+    spans: Sequence[slice],
+    anchor_precision: str = "fp64",
+) -> ParityReport:
+    """Apply the target's bounds (DESIGN.md): max |candidate - anchor| within error_ratio x the own
+    reference's error + slack, and the ranking bounds against the anchor."""
+    bounds = target.bounds
+    metrics = ParityMetrics.compute(references.anchor, candidate, spans)
+    own = ParityMetrics.compute(references.anchor, references.own, spans)
+    versus_own = ParityMetrics.compute(references.own, candidate, spans)
+    check = check_bound(candidate, references, bounds)
+    failures = []
+    if not check.passed:
+        failures.append(
+            f"max |Δscore| vs the {anchor_precision} anchor {check.error:.3g} > {check.rule} "
+            f"({bounds.error_ratio:g} x the own error of {references.own_name}"
+            f"{f' + {bounds.error_slack:g}' if bounds.error_slack else ''})"
+        )
+    limits = {"max_abs_diff": check.limit, "error_ratio": bounds.error_ratio, "error_slack": bounds.error_slack}
+    for name, bound in (("spearman", bounds.min_spearman), ("top1_agreement", bounds.min_top1_agreement),
+                        ("top10_overlap", bounds.min_top10_overlap)):
+        limits[name] = bound
+        value = getattr(metrics, name)
+        if not value >= bound:
+            failures.append(f"{name} {value:.4f} < {bound:g}")
+    return ParityReport(
+        target=target.name, precision=target.precision, candidate=candidate_name,
+        reference=references.anchor_name, metrics=metrics, reference_lowp=references.own_name,
+        reference_lowp_metrics=own, candidate_vs_reference_lowp=versus_own, anchor_precision=anchor_precision,
+        bounds=limits, failures=failures,
+    )
+
+
+def format_report(report: ParityReport) -> str:
+    m = report.metrics
+    lines = [
+        f"parity: {report.candidate}  ({m.pairs} pairs, {m.queries} queries)",
+        f"  anchor: {report.reference}",
+        f"  candidate vs anchor:         max |Δ| {m.max_abs_diff:.3g}   mean |Δ| {m.mean_abs_diff:.3g}   "
+        f"Spearman {m.spearman:.6f}   top-1 {m.top1_agreement:.1%}   top-10 overlap {m.top10_overlap:.3f}",
+    ]
+    if report.reference_lowp_metrics is not None:
+        r = report.reference_lowp_metrics
+        lines.append(f"  own reference vs anchor:     max |Δ| {r.max_abs_diff:.3g}   mean |Δ| {r.mean_abs_diff:.3g}   "
+                     f"Spearman {r.spearman:.6f}   ({report.reference_lowp}: what rounding alone does)")
+    if report.candidate_vs_reference_lowp is not None:
+        c = report.candidate_vs_reference_lowp
+        lines.append(f"  candidate vs own reference:  max |Δ| {c.max_abs_diff:.3g}   mean |Δ| {c.mean_abs_diff:.3g}   "
+                     "(for information)")
+    b = report.bounds
+    rule = f"max |Δ| ≤ {b['error_ratio']:g} x own error"
+    if b.get("error_slack"):
+        rule += f" + {b['error_slack']:g}"
+    lines.append(
+        f"  bounds: {rule} = {b['max_abs_diff']:.3g}, Spearman ≥ {b['spearman']:g}, "
+        f"top-1 ≥ {b['top1_agreement']:g}, top-10 overlap ≥ {b['top10_overlap']:g}"
+    )
+    lines.append("  PASSED" if report.passed else "  FAILED: " + "; ".join(report.failures))
+    return "\n".join(lines)

@@ -1,0 +1,363 @@
+"""The build pipeline: checkpoint -> packed model -> ONNX graph -> engine -> artifact, judged on parity.
+
+    run_build(load_checkpoint, BuildOptions(out=..., target=...))   # 0 built, 1 parity failed
+
+The artifact is assembled in a staging folder beside --out (ettin_runtime.artifact.StagedFolder) and
+moved into place only after parity passes, so an existing good artifact is never lost to a failed or
+interrupted build; a build that fails parity is kept at OUT.rejected.
+
+Targets (ettin_export.targets): `cpu` writes an fp32 ONNX graph for ONNX Runtime; `h100` writes a bf16
+TensorRT engine whose attention layers are the project's AOT plugin, checked against the PyTorch
+flash-attention reference on the GPU. The TensorRT- and GPU-specific steps are behind `EngineHooks`,
+so the gate's logic can be tested with injected runners on a machine without either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ettin_runtime.artifact import (
+    DEFAULT_MAX_BATCH_PAIRS,
+    DEFAULT_MAX_BATCH_TOKENS,
+    MANIFEST_NAME,
+    PARITY_NAME,
+    TOKENIZER_FILES,
+    Artifact,
+    Engine,
+    Limits,
+    ModelFacts,
+    ParitySummary,
+    Source,
+    StagedFolder,
+    hash_files,
+    is_artifact,
+)
+from ettin_runtime.packing import PairEncoder
+
+from ettin_export import __version__
+from ettin_export.checkpoint import Checkpoint
+from ettin_export.errors import BuildError
+from ettin_export.parity import ParityReport, References, builtin_parity_set, format_report
+from ettin_export.parity.references import ReferenceMismatch
+from ettin_export.parity.run import ReferenceRun, reference_run
+from ettin_export.progress import Steps
+from ettin_export.targets import Target
+
+
+@dataclass
+class BuildOptions:
+    out: Path
+    target: Target
+    max_length: int | None = None  # None: the checkpoint decides, as CrossEncoder does
+    max_batch_pairs: int | None = None
+    max_batch_tokens: int | None = None
+    force: bool = False
+    onnx_only: bool = False
+    check_crossencoder: bool = True
+    parity_queries: int | None = None  # None: default_parity_queries() for the model and target
+    quiet: bool = False
+    command_line: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+@dataclass
+class EngineHooks:
+    """The TensorRT/GPU steps of a `tensorrt` target. Defaults come from ettin_export.engine.tensorrt;
+    tests inject stand-ins to exercise the parity gate without TensorRT (labelled as such)."""
+
+    preflight: Callable[[Target], dict]  # fast environment check; raises with what is missing
+    build_engine: Callable[..., dict]  # (onnx_path, plan_path, limits, target, timing_cache, steps) -> engine facts
+    engine_profile: Callable[..., Limits]  # (max_batch_pairs, max_length, max_batch_tokens) -> Limits with profile
+    load_runtime: Callable[[Artifact], object]  # the staged artifact -> Reranker
+    references: Callable[..., References]  # (checkpoint, pairs, encoder, anchor) -> fp64 anchor + bf16 own error
+
+
+def default_engine_hooks() -> EngineHooks:
+    from ettin_export.engine import tensorrt
+
+    return EngineHooks(preflight=tensorrt.preflight, build_engine=tensorrt.build_engine,
+                       engine_profile=tensorrt.engine_profile, load_runtime=tensorrt.load_runtime, references=None)
+
+
+# --- the output folder --------------------------------------------------------------------------
+
+
+def prepare_output(out: Path, force: bool) -> None:
+    """Refuse to overwrite unless asked, and never touch a folder that is not ours."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BuildError(f"--out {out} exists and is not a folder.")
+    if not any(out.iterdir()):
+        return
+    if not is_artifact(out):
+        raise BuildError(
+            f"--out {out} is a non-empty folder that is not an ettin-export artifact; choose another --out "
+            "(ettin-export never deletes folders it did not write)."
+        )
+    if not force:
+        raise BuildError(
+            f"--out {out} already holds an artifact. Pass --force to replace it (the old one stays in place "
+            "until the new one has passed parity), or choose another --out."
+        )
+
+
+# --- shared steps --------------------------------------------------------------------------------
+
+
+def default_parity_queries(checkpoint: Checkpoint, target: Target) -> int:
+    """Ten queries (~600 pairs) where that is cheap; on a CPU, two (~120 pairs) for models of hidden
+    size above 512, whose reference and ONNX Runtime passes over ten would take 10+ minutes on two
+    cores. --parity-queries overrides."""
+    if target.engine == "onnx" and checkpoint.config.hidden_size > 512:
+        return 2
+    return 10
+
+
+def reference_model(checkpoint: Checkpoint, options: BuildOptions, steps: Steps):
+    """The fp32 model (the export source), its encoder, and the parity run (the parity set and the
+    validation grid with their references, port-checked) before anything is exported."""
+    from ettin_export.graph.validate import validation_batches
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with steps.step("building the packed PyTorch model (fp32)"):
+        model = checkpoint.build_model(torch.float32)
+        encoder = PairEncoder.from_dir(checkpoint.path, options.max_length)
+        queries = options.parity_queries or default_parity_queries(checkpoint, options.target)
+        groups = builtin_parity_set(seed=0, queries=queries)
+    try:
+        run = reference_run(checkpoint, encoder, groups, device=device, steps=steps,
+                            crossencoder=options.check_crossencoder, grid=validation_batches(encoder), model=model)
+    except ReferenceMismatch as error:
+        raise BuildError(str(error)) from error
+    return model, run
+
+
+def copy_tokenizer_files(checkpoint: Checkpoint, directory: Path) -> None:
+    for name in TOKENIZER_FILES:
+        source = checkpoint.path / name
+        if source.is_file():
+            shutil.copy2(source, directory / name)
+
+
+def new_artifact(checkpoint: Checkpoint, options: BuildOptions, directory: Path, *, engine: Engine,
+                 limits: Limits, precision: str | None = None) -> Artifact:
+    """The artifact of the files now in `directory` (all hashed), before parity."""
+    from ettin_export.parity.references import weights_fingerprint
+
+    config = checkpoint.config
+    files = [p.name for p in directory.iterdir() if p.is_file() and p.name not in (MANIFEST_NAME, PARITY_NAME)]
+    return Artifact(
+        root=directory,
+        source=Source(model=checkpoint.source, revision=checkpoint.revision, layout=checkpoint.layout,
+                      size=checkpoint.size, random_weights=checkpoint.random_weights,
+                      weights_sha256=weights_fingerprint(checkpoint)),
+        model=ModelFacts(hidden_size=config.hidden_size, num_layers=config.num_layers, num_heads=config.num_heads,
+                         head_dim=config.head_dim, intermediate_size=config.intermediate_size,
+                         windows=tuple(config.windows), pooling=config.head.pooling, vocab_size=config.vocab_size),
+        score_activation=checkpoint.activation, max_length=options.max_length, target=options.target.name,
+        precision=precision or options.target.precision, engine=engine, limits=limits,
+        files=hash_files(directory, files), created_by=f"ettin-export {__version__}",
+    )
+
+
+def finish_artifact(artifact: Artifact, report: ParityReport) -> Artifact:
+    (artifact.root / PARITY_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    artifact = artifact.replace(parity=ParitySummary.from_json(report.summary()))
+    artifact.write()
+    return artifact
+
+
+def onnx_engine(path: Path, external_data: Path | None, **changes) -> Engine:
+    import onnx
+    import onnxruntime
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return Engine(format="onnx", file=path.name, runtime="onnxruntime",
+                  external_data=external_data.name if external_data else None,
+                  opset=next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                  onnxruntime_version=onnxruntime.__version__, **changes)
+
+
+# --- target cpu: fp32 ONNX for ONNX Runtime ------------------------------------------------------
+
+
+def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, staging: StagedFolder) -> ParityReport:
+    """fp32 ONNX for ONNX Runtime, written into `staging`; returns the parity report."""
+    import onnx
+    import onnxruntime
+
+    from ettin_export.graph.export import export_onnx
+    from ettin_export.graph.validate import check_graph_contract, check_values
+
+    model, run = reference_model(checkpoint, options, steps)
+    with steps.step("exporting fp32 ONNX (VarlenAttention custom op + local function body)"):
+        exported = export_onnx(model, staging.path / "model.onnx", "fp32")
+    with steps.step(f"validating the graph: names, dynamic axes, values on {len(run.grid)} unseen shapes"):
+        check_graph_contract(onnx.load(str(exported.path), load_external_data=False), model.config.num_layers)
+        session = onnxruntime.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+        worst = check_values(session, run.encoder, run.grid, run.grid_references)
+        del session
+    steps.note(f"max |Δ| ONNX Runtime vs the fp64 anchor on the validation grid: {worst:.2e}")
+    copy_tokenizer_files(checkpoint, staging.path)
+    limits = Limits(options.max_batch_pairs or DEFAULT_MAX_BATCH_PAIRS,
+                    options.max_batch_tokens or max(DEFAULT_MAX_BATCH_TOKENS, options.max_length))
+    artifact = new_artifact(checkpoint, options, staging.path,
+                            engine=onnx_engine(exported.path, exported.external_data), limits=limits)
+    artifact.write()
+    with steps.step(f"parity on the built-in set ({len(run.pairs)} pairs, {len(run.groups)} queries)"):
+        runtime = artifact.load(device="cpu")
+        report = run.judge(options.target, "onnxruntime fp32 (CPU)", runtime.predict(run.pairs))
+        runtime.close()
+    finish_artifact(artifact, report)
+    return report
+
+
+# --- target h100: bf16 ONNX -> TensorRT engine -----------------------------------------------------
+
+
+def export_bf16_checked(model, run: ReferenceRun, directory: Path, steps: Steps):
+    """The bf16-typed graph, its contract, and a numerical check of its arithmetic: widened to fp32
+    (same graph, bf16 weights as fp32 values), it must match the fp64 anchor of the model whose weights
+    are rounded to bf16, within the fp32 rule against CrossEncoder with the same rounded weights — a
+    wrong cast or an fp32 island in the wrong place shows here."""
+    import onnx
+    import onnxruntime
+
+    from ettin_export.graph.export import export_onnx
+    from ettin_export.graph.validate import bf16_as_fp32, check_graph_contract, check_values
+    from ettin_export.parity.references import fp32_references
+
+    num_layers = model.config.num_layers
+    with steps.step("exporting bf16 ONNX (VarlenAttention nodes carry plugin_namespace + aot=1)"):
+        exported = export_onnx(model, directory / "model.onnx", "bf16")
+    with steps.step("checking the bf16 graph: contract, and its arithmetic widened to fp32 in ONNX Runtime"):
+        proto = onnx.load(str(exported.path), load_external_data=False)
+        check_graph_contract(proto, num_layers)
+        widened = bf16_as_fp32(proto, exported.path.parent)
+        session = onnxruntime.InferenceSession(widened.SerializeToString(), providers=["CPUExecutionProvider"])
+        grid_pairs = [pair for batch in run.grid for pair in batch]
+        rounded = fp32_references(run.checkpoint, grid_pairs, run.encoder, run.device, bf16_weights=True,
+                                  crossencoder=run.crossencoder)
+        worst = check_values(session, run.encoder, run.grid, rounded, what="ONNX Runtime (bf16 graph widened to fp32)")
+        del session, widened
+    steps.note(f"max |Δ| widened bf16 graph vs the fp64 anchor with bf16-rounded weights: {worst:.2e}")
+    return exported
+
+
+def finish_command(options: BuildOptions) -> str:
+    """The user's own command line, minus --onnx-only: what to run on the GPU machine (with --force, so
+    the same command also finishes the build where the ONNX-only artifact already sits at --out)."""
+    argv = [a for a in options.command_line if a != "--onnx-only"]
+    if argv and Path(argv[0]).name in ("ettin-export", "__main__.py", "cli.py"):
+        argv = ["ettin-export", *argv[1:]]
+    if argv and "--force" not in argv:
+        argv.append("--force")
+    return shlex.join(argv) if argv else "ettin-export build ... --target h100"
+
+
+def build_tensorrt(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, hooks: EngineHooks,
+                   staging: StagedFolder) -> ParityReport | None:
+    """The bf16 engine, written into `staging`; returns the parity report (None with --onnx-only)."""
+    target = options.target
+    # The profile first: a bad --max-batch-* stops the build before the model is even built.
+    limits = hooks.engine_profile(
+        max_batch_pairs=options.max_batch_pairs or target.default_max_batch_pairs,
+        max_length=options.max_length, max_batch_tokens=options.max_batch_tokens,
+    )
+    model, run = reference_model(checkpoint, options, steps)
+    work = StagedFolder(options.out, "onnx") if not options.onnx_only else staging
+    try:
+        exported = export_bf16_checked(model, run, work.path, steps)
+        del model  # the export cast it to bf16 in place; the GPU references are built afresh
+        copy_tokenizer_files(checkpoint, staging.path)
+        if options.onnx_only:
+            engine = onnx_engine(exported.path, exported.external_data, complete=False,
+                                 finish_command=finish_command(options))
+            new_artifact(checkpoint, options, staging.path, engine=engine, limits=limits).write()
+            return None
+        plan = staging.path / "model.plan"
+        facts = hooks.build_engine(
+            onnx_path=exported.path, plan_path=plan, limits=limits, target=target,
+            timing_cache=options.out.parent / f"{options.out.name}.timing.cache", steps=steps,
+        )
+    finally:
+        if work is not staging:
+            work.discard()
+    engine = Engine.from_json({"format": "tensorrt", "file": plan.name, "runtime": "tensorrt", **facts})
+    artifact = new_artifact(checkpoint, options, staging.path, engine=engine, limits=limits)
+    artifact.write()
+    with steps.step(f"parity on the GPU ({len(run.pairs)} pairs, {len(run.groups)} queries)"):
+        runtime = hooks.load_runtime(artifact)
+        candidate = runtime.predict(run.pairs)
+        report = run.judge(target, f"tensorrt bf16 ({engine.tensorrt.gpu_name or 'GPU'})", candidate, hooks.references)
+        runtime.close()
+    finish_artifact(artifact, report)
+    return report
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def run_build(checkpoint_loader, options: BuildOptions, hooks: EngineHooks | None = None) -> int:
+    """The whole command: returns the exit status (0 built, 1 parity failed; BuildError when refused)."""
+    target = options.target
+    if target.engine == "tensorrt" and not options.onnx_only:
+        # Before any long work: a missing TensorRT or the wrong GPU stops the build within seconds.
+        hooks = hooks or default_engine_hooks()
+        facts = hooks.preflight(target)
+    prepare_output(options.out, options.force)
+    steps = Steps(f"ettin-export build --target {target.name} -> {options.out}", quiet=options.quiet)
+    if target.engine == "tensorrt" and not options.onnx_only:
+        steps.note(", ".join(f"{k}: {v}" for k, v in facts.items()))
+    with steps.step("loading the checkpoint"):
+        checkpoint: Checkpoint = checkpoint_loader()
+    # One max-length rule: --max-length, else the checkpoint's own (CrossEncoder's) rule.
+    options = dataclasses.replace(options, max_length=checkpoint.resolve_max_length(options.max_length))
+    steps.note(
+        f"{checkpoint.source} ({checkpoint.layout}; {checkpoint.config.num_layers} layers, hidden "
+        f"{checkpoint.config.hidden_size}; max length {options.max_length}; random weights: "
+        f"{'yes' if checkpoint.random_weights else 'no'})"
+    )
+    staging = StagedFolder(options.out)
+    try:
+        if target.engine == "onnx":
+            report = build_cpu(checkpoint, options, steps, staging)
+        else:
+            if options.onnx_only:
+                from ettin_export.engine.tensorrt import engine_profile
+
+                hooks = hooks or EngineHooks(None, None, engine_profile, None, None)
+            report = build_tensorrt(checkpoint, options, steps, hooks, staging)
+    except BaseException:
+        staging.discard()
+        raise
+    if report is None:  # --onnx-only
+        staging.publish()
+        steps.done(f"bf16 ONNX written to {options.out} (no engine yet)")
+        steps.console.print(
+            "To finish on a machine with TensorRT >= 10.9 and an H100/H200, copy nothing: run\n"
+            f"    {finish_command(options)}"
+        )
+        return 0
+    steps.console.print(format_report(report))
+    if not report.passed:
+        rejected = staging.reject()
+        steps.done(f"parity FAILED: nothing at {options.out} was changed; the rejected build is in {rejected}")
+        steps.console.print(
+            f"Its parity.json holds the whole report. To see it on your own pairs: ettin-export verify {rejected} "
+            "--pairs YOUR_PAIRS.jsonl. The bound already scales with what rounding does to this checkpoint, so a "
+            "healthy checkpoint that fails here is a bug: please report it with that parity.json."
+        )
+        return 1
+    staging.publish()
+    steps.done(f"artifact ready: {options.out}")
+    return 0

@@ -14,7 +14,6 @@ import traceback
 from ettin_runtime.errors import EttinError
 
 from ettin_export.commands import COMMANDS
-from ettin_export.errors import UsageError  # noqa: F401  (re-exported for the command modules' callers)
 
 EXIT_REFUSED = 2
 EXIT_BUG = 3

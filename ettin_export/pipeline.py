@@ -40,6 +40,7 @@ from ettin_runtime.artifact import (
     StagedFolder,
     hash_files,
     is_artifact,
+    replacement_problem,
 )
 from ettin_runtime.packing import PairEncoder
 
@@ -92,22 +93,11 @@ def default_engine_hooks() -> EngineHooks:
 
 def prepare_output(out: Path, force: bool) -> None:
     """Refuse to overwrite unless asked, and never touch a folder that is not ours."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise BuildError(f"--out {out} exists and is not a folder.")
-    if not any(out.iterdir()):
-        return
-    if not is_artifact(out):
-        raise BuildError(
-            f"--out {out} is a non-empty folder that is not an ettin-export artifact; choose another --out "
-            "(ettin-export never deletes folders it did not write)."
-        )
-    if not force:
-        raise BuildError(
-            f"--out {out} already holds an artifact. Pass --force to replace it (the old one stays in place "
-            "until the new one has passed parity), or choose another --out."
-        )
+    problem = replacement_problem(out, force=force, ours=is_artifact, option="--out",
+                                  foreign="is not an ettin-export artifact", holds="an artifact",
+                                  keeps=" (the old one stays in place until the new one has passed parity)")
+    if problem:
+        raise BuildError(problem)
 
 
 # --- shared steps --------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
-"""Progress for long work: one line per step with its duration, a spinner while it runs (on a terminal).
-Everything goes to stderr so stdout stays machine-readable."""
+"""Progress for long work: `Steps`, one line per step with its duration and a spinner while it runs (on a
+terminal; everything goes to stderr so stdout stays machine-readable), and `JsonReport`, steps recorded
+in a JSON file rewritten after each one (the GPU scripts: whatever ran is kept if the machine goes)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
+import traceback
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class Steps:
@@ -39,3 +43,44 @@ class Steps:
 
 def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
+
+
+class JsonReport:
+    """A JSON result of named steps, rewritten (atomically) after every step. A step that raises is
+    recorded with its error and traceback and does not stop the next; a step may set `ok_override`
+    in its entry to report a failed check without raising."""
+
+    def __init__(self, path: str | Path, budget_s: float | None = None):
+        self.path, self.budget_s, self.t0 = Path(path), budget_s, time.time()
+        self.data: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": {}}
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def remaining(self) -> float:
+        return float("inf") if self.budget_s is None else self.budget_s - self.elapsed()
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[dict]:
+        entry: dict = {"ok": False}
+        self.data["steps"][name] = entry
+        start = time.time()
+        try:
+            yield entry
+            entry["ok"] = entry.pop("ok_override", True)
+        except Exception as exc:  # noqa: BLE001 - one failed step must not stop the others
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            entry["traceback"] = traceback.format_exc(limit=10)
+        finally:
+            entry["seconds"] = round(time.time() - start, 3)
+            self.write()
+
+    def skip(self, name: str, reason: str) -> None:
+        self.data["steps"][name] = {"ok": None, "skipped": reason}
+        self.write()
+
+    def write(self) -> None:
+        self.data["elapsed_s"] = round(self.elapsed(), 2)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        tmp.replace(self.path)

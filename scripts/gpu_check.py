@@ -39,14 +39,12 @@ import inspect
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,51 +52,13 @@ for entry in (REPO / "plugins", REPO / "runtimes", REPO):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
+from ettin_export.progress import JsonReport as Report  # noqa: E402  (after the path above)
+
 SIZES = ("17m", "32m", "68m", "150m", "400m", "1b")
 CROSSENCODER_ORDER = ("150m", "17m", "1b", "400m", "68m", "32m")  # most asked-about first
 BATCH_TOKENS, BATCH_PAIRS = 65536, 256  # the packed model's batches (tokens, pairs)
 CROSSENCODER_BATCH = 128
-# Only when ettin_export.lengths is missing: query tokens uniform; document mean, sd, min, max.
-QUERY_TOKENS, DOCUMENT_TOKENS = (6, 18), (105, 30, 40, 220)
 
-
-class Report:
-    """The JSON result, rewritten after every step."""
-
-    def __init__(self, path: Path, budget_s: float):
-        self.path, self.budget_s, self.t0 = path, budget_s, time.time()
-        self.data: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": {}}
-
-    def elapsed(self) -> float:
-        return time.time() - self.t0
-
-    def remaining(self) -> float:
-        return self.budget_s - self.elapsed()
-
-    @contextlib.contextmanager
-    def step(self, name: str):
-        entry: dict = {"ok": False}
-        self.data["steps"][name] = entry
-        start = time.time()
-        try:
-            yield entry
-            entry["ok"] = entry.pop("ok_override", True)
-        except Exception as exc:  # noqa: BLE001 - one failed step must not stop the others
-            entry["error"] = f"{type(exc).__name__}: {exc}"
-            entry["traceback"] = traceback.format_exc(limit=10)
-        finally:
-            entry["seconds"] = round(time.time() - start, 2)
-            self.write()
-
-    def skip(self, name: str, reason: str) -> None:
-        self.data["steps"][name] = {"ok": None, "skipped": reason}
-        self.write()
-
-    def write(self) -> None:
-        self.data["elapsed_s"] = round(self.elapsed(), 2)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        tmp.replace(self.path)
 
 
 # --- environment ---------------------------------------------------------------------------------------
@@ -145,39 +105,18 @@ def _importable(name: str) -> bool:
 
 
 def nq_like_source() -> str:
-    try:
-        from ettin_export.synthetic import lengths
+    from ettin_export.synthetic import lengths
 
-        return f"ettin_export.lengths profile nq-like: {lengths.get_profile('nq-like').description}"
-    except (ImportError, AttributeError, ValueError):
-        return ("this script's own generator (ettin_export.lengths unavailable): queries of 6-18 tokens (uniform), "
-                "passages ~N(105, 30) tokens clipped to 40-220")
+    return f"ettin_export.synthetic.lengths profile nq-like: {lengths.get_profile('nq-like').description}"
 
 
 def nq_like_pairs(encoder, tokenizer_file: Path, count: int, seed: int = 0) -> list[tuple[str, str]]:
-    """NQ-like text pairs: the project's `nq-like` length profile when present, else a close stand-in."""
-    try:
-        from tokenizers import Tokenizer
+    """NQ-like text pairs of exact token lengths: the project's `nq-like` length profile."""
+    from tokenizers import Tokenizer
 
-        from ettin_export.synthetic import lengths
+    from ettin_export.synthetic import lengths
 
-        return lengths.make_pairs(lengths.get_profile("nq-like"), Tokenizer.from_file(str(tokenizer_file)), count, seed)
-    except (ImportError, AttributeError):
-        pass
-    from ettin_export.synthetic.text import random_sentence
-
-    rng = random.Random(seed)
-    probe = [(random_sentence(rng, 50), random_sentence(rng, 50)) for _ in range(20)]
-    # each probe pair is [CLS] 50 words [SEP] 50 words [SEP]
-    tokens_per_word = (statistics.mean(len(ids) for ids in encoder.encode(probe)) - 3) / 100
-    mean, sd, low, high = DOCUMENT_TOKENS
-    pairs = []
-    for _ in range(count):
-        query_tokens = rng.randint(*QUERY_TOKENS)
-        document_tokens = int(min(high, max(low, rng.gauss(mean, sd))))
-        pairs.append((random_sentence(rng, max(1, round(query_tokens / tokens_per_word))) + "?",
-                      random_sentence(rng, max(1, round(document_tokens / tokens_per_word))) + "."))
-    return pairs
+    return lengths.make_pairs(lengths.get_profile("nq-like"), Tokenizer.from_file(str(tokenizer_file)), count, seed)
 
 
 def length_summary(encoder, pairs) -> dict:
@@ -190,21 +129,13 @@ def length_summary(encoder, pairs) -> dict:
 
 
 def pairs_per_second(torch, fn, pairs: int, *, min_seconds: float, max_reps: int, device: str) -> dict:
-    """Median wall time of fn() over repeated runs (after one warm-up run), as pairs/s."""
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
+    """Median wall time of fn() over repeated runs (bench.measure.time_repeated), as pairs/s."""
+    from ettin_export.bench.measure import time_repeated
 
-    fn()
-    sync()
-    times = []
-    while len(times) < 2 or (sum(times) < min_seconds and len(times) < max_reps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"pairs_per_s": round(pairs / median, 1), "median_s": round(median, 4), "runs": len(times)}
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    timings = time_repeated(fn, min_seconds=min_seconds, max_reps=max_reps, sync=sync)
+    return {"pairs_per_s": round(pairs / timings.median, 1), "median_s": round(timings.median, 4),
+            "runs": len(timings.seconds)}
 
 
 # --- steps ----------------------------------------------------------------------------------------------

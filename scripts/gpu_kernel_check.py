@@ -36,49 +36,15 @@ import random
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "plugins"), str(REPO / "runtimes")]
 
+from ettin_export.progress import JsonReport as Report  # noqa: E402  (after the path above)
+
 SPEED_LENGTHS = (128, 512, 2048)
 WINDOWS = (64, -1)  # Ettin's local half-width, and global
-
-
-class Report:
-    """The JSON result, rewritten after every step."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": {}}
-        self.t0 = time.time()
-
-    @contextlib.contextmanager
-    def step(self, name: str):
-        entry = {"ok": False}
-        self.data["steps"][name] = entry
-        start = time.time()
-        try:
-            yield entry
-            entry["ok"] = entry.get("ok_override", True)
-            entry.pop("ok_override", None)
-        except Exception as exc:  # noqa: BLE001 - one failed step must not stop the others
-            entry["error"] = f"{type(exc).__name__}: {exc}"
-            entry["traceback"] = traceback.format_exc(limit=8)
-        finally:
-            entry["seconds"] = round(time.time() - start, 3)
-            self.write()
-
-    def skip(self, name: str, reason: str) -> None:
-        self.data["steps"][name] = {"ok": None, "skipped": reason}
-        self.write()
-
-    def write(self) -> None:
-        self.data["elapsed_s"] = round(time.time() - self.t0, 2)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        tmp.replace(self.path)
 
 
 # --- launchers: TensorRT's way of running the PTX (declared args, formulas, no Triton runtime) ---------

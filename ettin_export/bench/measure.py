@@ -23,11 +23,9 @@ Heavy modules (torch, sentence-transformers, onnxruntime) are imported inside `r
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +72,21 @@ class Timings:
             "min_s": round(min(self.seconds), 6), "pairs_per_s": pairs / median, "tokens_per_s": tokens / median,
             "gflops_per_s": flops / median / 1e9,
         }
+
+
+def time_repeated(fn, *, min_seconds: float, max_reps: int, sync=None) -> Timings:
+    """fn() timed after one warm-up run, repeated until `min_seconds` have passed (at least twice, at most
+    `max_reps` times); `sync` waits for queued device work (torch.cuda.synchronize) after each run."""
+    sync = sync or (lambda: None)
+    fn()
+    sync()
+    timings = Timings()
+    while len(timings.seconds) < 2 or (sum(timings.seconds) < min_seconds and len(timings.seconds) < max_reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        timings.seconds.append(time.perf_counter() - start)
+    return timings
 
 
 class Contender:

@@ -135,7 +135,7 @@ def modernbert_config(hf_config: dict):
     """transformers' ModernBertConfig of a config.json dict (its bookkeeping keys dropped)."""
     from transformers import ModernBertConfig
 
-    fields = {k: v for k, v in hf_config.items() if k not in ("architectures", "model_type", "transformers_version")}
+    fields = {k: v for k, v in hf_config.items() if k not in ("model_type", "transformers_version")}
     return ModernBertConfig(**fields)
 
 
@@ -193,15 +193,7 @@ def _load_sentence_transformers(path: Path, source: str, modules: list[dict], hf
     state.update(_prefixed(_load_weights(dense_dir, source, "the first Dense"), "linear.", "head.dense."))
     state.update(_prefixed(_load_weights(norm_dir, source, "the LayerNorm"), "norm.", "head.norm."))
     state.update(_prefixed(_load_weights(out_dir, source, "the last Dense"), "linear.", "head.classifier."))
-    return Checkpoint(
-        path=path,
-        source=source,
-        layout="sentence-transformers",
-        config=config,
-        state_dict=state,
-        activation=_score_activation(path, hf_config, default="sigmoid"),
-        max_length=0,
-    )
+    return _checkpoint(path, source, "sentence-transformers", config, state, hf_config)
 
 
 def _load_sequence_classification(path: Path, source: str, hf_config: dict) -> Checkpoint:
@@ -229,15 +221,13 @@ def _load_sequence_classification(path: Path, source: str, hf_config: dict) -> C
             state["head." + key] = value
     if "head.classifier.weight" not in state:
         raise CheckpointError(f"{source}: no classifier weights found (expected 'classifier.weight').")
-    return Checkpoint(
-        path=path,
-        source=source,
-        layout="hf-sequence-classification",
-        config=packed,
-        state_dict=state,
-        activation=_score_activation(path, hf_config, default="sigmoid"),
-        max_length=0,
-    )
+    return _checkpoint(path, source, "hf-sequence-classification", packed, state, hf_config)
+
+
+def _checkpoint(path: Path, source: str, layout: str, config: PackedConfig, state: dict, hf_config: dict) -> Checkpoint:
+    """A loaded layout; max_length is set by load_checkpoint (CrossEncoder's rule reads the folder)."""
+    return Checkpoint(path=path, source=source, layout=layout, config=config, state_dict=state,
+                      activation=_score_activation(path, hf_config, default="sigmoid"), max_length=0)
 
 
 def _pooling_mode(pooling_cfg: dict, source: str) -> str:

@@ -28,7 +28,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ettin_runtime.artifact import TOKENIZER_FILES, Artifact, StagedFolder
+from ettin_runtime.artifact import TOKENIZER_FILES, Artifact, StagedFolder, replacement_problem
 
 from ettin_export.deploy.checks import (
     DeployError,
@@ -127,19 +127,11 @@ def _min_pair_tokens(artifact: Artifact) -> int:
 
 
 def _prepare_repo(repo: Path, force: bool) -> None:
-    if not repo.exists():
-        return
-    if not repo.is_dir():
-        raise DeployError(f"--repo {repo} exists and is not a folder.")
-    if not any(repo.iterdir()):
-        return
-    if not (repo / MARKER_NAME).is_file():
-        raise DeployError(
-            f"--repo {repo} is a non-empty folder that `ettin-export deploy` did not write; choose another "
-            "--repo (ettin-export never deletes folders it did not write)."
-        )
-    if not force:
-        raise DeployError(f"--repo {repo} already holds a generated repository. Pass --force to replace it.")
+    problem = replacement_problem(repo, force=force, ours=lambda path: (path / MARKER_NAME).is_file(),
+                                  option="--repo", foreign="`ettin-export deploy` did not write",
+                                  holds="a generated repository")
+    if problem:
+        raise DeployError(problem)
 
 
 def _place(source: Path, destination: Path) -> None:

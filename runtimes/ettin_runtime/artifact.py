@@ -479,6 +479,25 @@ DEFAULT_RUNTIME = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
 # --- the writer's transaction --------------------------------------------------------------------------------
 
 
+def replacement_problem(destination: Path, *, force: bool, ours, option: str, foreign: str, holds: str,
+                        keeps: str = "") -> str | None:
+    """Why a writer may not replace `destination` (None: it may): a file there, a non-empty folder that
+    is not `ours(path)` (ettin-export never deletes folders it did not write), or one of ours without
+    --force. `foreign` and `holds` name what the folder is or holds, in the refusal."""
+    if not destination.exists():
+        return None
+    if not destination.is_dir():
+        return f"{option} {destination} exists and is not a folder."
+    if not any(destination.iterdir()):
+        return None
+    if not ours(destination):
+        return (f"{option} {destination} is a non-empty folder that {foreign}; choose another {option} "
+                "(ettin-export never deletes folders it did not write).")
+    if not force:
+        return f"{option} {destination} already holds {holds}. Pass --force to replace it{keeps}, or choose another {option}."
+    return None
+
+
 class StagedFolder:
     """A folder assembled beside its destination and moved into place only when finished, so that an
     existing good folder is never lost to a failed or interrupted run:

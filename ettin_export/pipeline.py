@@ -100,6 +100,23 @@ def prepare_output(out: Path, force: bool) -> None:
         raise BuildError(problem)
 
 
+def check_limits(options: BuildOptions) -> None:
+    """The batch limits against the max length, before any long work: a run must hold one full-length
+    pair, and at least one pair."""
+    def positive(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    if options.max_batch_pairs is not None and not positive(options.max_batch_pairs):
+        raise BuildError(f"--max-batch-size must be an integer of at least 1 (pairs per run); got "
+                         f"{options.max_batch_pairs!r}. Leave it out for the target's default.")
+    if options.max_batch_tokens is not None and not (positive(options.max_batch_tokens)
+                                                     and options.max_batch_tokens >= options.max_length):
+        raise BuildError(f"--max-batch-tokens {options.max_batch_tokens!r} is below the max length {options.max_length}: "
+                         "one full-length pair would not fit in a run. Pass at least that, or leave it out.")
+    if options.parity_queries is not None and not positive(options.parity_queries):
+        raise BuildError(f"--parity-queries must be an integer of at least 1; got {options.parity_queries!r}.")
+
+
 # --- shared steps --------------------------------------------------------------------------------
 
 
@@ -152,7 +169,8 @@ def new_artifact(checkpoint: Checkpoint, options: BuildOptions, directory: Path,
                       weights_sha256=weights_fingerprint(checkpoint)),
         model=ModelFacts(hidden_size=config.hidden_size, num_layers=config.num_layers, num_heads=config.num_heads,
                          head_dim=config.head_dim, intermediate_size=config.intermediate_size,
-                         windows=tuple(config.windows), pooling=config.head.pooling, vocab_size=config.vocab_size),
+                         windows=tuple(config.windows), pooling=config.head.pooling, vocab_size=config.vocab_size,
+                         max_positions=config.max_positions),
         score_activation=checkpoint.activation, max_length=options.max_length, target=options.target.name,
         precision=precision or options.target.precision, engine=engine, limits=limits,
         files=hash_files(directory, files), created_by=f"ettin-export {__version__}",
@@ -312,12 +330,15 @@ def run_build(checkpoint_loader, options: BuildOptions, hooks: EngineHooks | Non
         checkpoint: Checkpoint = checkpoint_loader()
     # One max-length rule: --max-length, else the checkpoint's own (CrossEncoder's) rule.
     options = dataclasses.replace(options, max_length=checkpoint.resolve_max_length(options.max_length))
+    check_limits(options)
     steps.note(
         f"{checkpoint.source} ({checkpoint.layout}; {checkpoint.config.num_layers} layers, hidden "
         f"{checkpoint.config.hidden_size}; max length {options.max_length}; random weights: "
         f"{'yes' if checkpoint.random_weights else 'no'})"
     )
     staging = StagedFolder(options.out)
+    for stale in staging.removed_stale:
+        steps.note(f"removed {stale.name}, left by a build whose process is gone")
     try:
         if target.engine == "onnx":
             report = build_cpu(checkpoint, options, steps, staging)
@@ -344,7 +365,7 @@ def run_build(checkpoint_loader, options: BuildOptions, hooks: EngineHooks | Non
         steps.done(f"parity FAILED: nothing at {options.out} was changed; the rejected build is in {rejected}")
         steps.console.print(
             f"Its parity.json holds the whole report. To see it on your own pairs: ettin-export verify {rejected} "
-            "--pairs YOUR_PAIRS.jsonl. The bound already scales with what rounding does to this checkpoint, so a "
+            "--allow-unverified --pairs YOUR_PAIRS.jsonl. The bound already scales with what rounding does to this checkpoint, so a "
             "healthy checkpoint that fails here is a bug: please report it with that parity.json."
         )
         return 1

@@ -41,6 +41,21 @@ class Steps:
         self.console.print(f"[bold]{text}[/bold] ({time.perf_counter() - self.started:.1f} s in all)")
 
 
+def quiet_third_party() -> None:
+    """transformers' and huggingface_hub's own progress bars and info logs off: a command shows its own
+    progress (Steps), one line per step, and nothing else on the terminal."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 

@@ -184,11 +184,18 @@ def test_bench_warns_when_other_processes_load_the_machine(tiny_artifact, monkey
     artifact, checkpoint = tiny_artifact
     args = ["bench", str(artifact), "--reference", str(checkpoint), "--pairs", "16", "--runs", "5",
             "--timing", "inside", "--max-retries", "1", "--json", "--quiet"]
-    assert main(args) == 0
+    assert main(args) == 4  # unreliable: the figures are shown, no ratio is claimed
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert report["retried_runs"] == 1 and report["loaded_runs_kept"] == 5 and report["machine"]["loaded"]
+    assert report["reliable"] is False
+    inside = report["results"]["tokenization_inside"]
+    assert inside["ratio"] is None and inside["unreliable_ratio"] > 0
     assert "WARNING: 5 of the 5 timed rounds ran while other processes" in captured.err
+    assert "UNRELIABLE: no ratio is reported" in captured.err
+    assert main(args[:-2]) == 4  # the text report says "unreliable" where the ratio would stand
+    text = capsys.readouterr().out
+    assert "unreliable" in text and "x\n" not in text.split("medians of")[1]
 
 
 def test_cpu_profile_script_accounts_for_the_graphs_operators(tiny_artifact):

@@ -144,6 +144,9 @@ class CrossEncoderContender(Contender):
         import torch
         from sentence_transformers import CrossEncoder
 
+        from ettin_export.progress import quiet_third_party
+
+        quiet_third_party()
         self.name = "baseline"
         self.torch = torch
         model_kwargs = {} if dtype == "float32" else {"dtype": getattr(torch, dtype)}
@@ -347,7 +350,11 @@ def format_report(report: dict) -> str:
         for name in ("candidate", "baseline"):
             if name in entry:
                 row = entry[name]
-                ratio = f"{entry['ratio']:.2f}x" if name == "candidate" and "ratio" in entry else ""
+                ratio = ""
+                if name == "candidate" and entry.get("ratio") is not None:
+                    ratio = f"{entry['ratio']:.2f}x"
+                elif name == "candidate" and "unreliable_ratio" in entry:
+                    ratio = "unreliable"
                 lines.append(f"    {mode.replace('_', ' '):<22}{name:<11}{row['pairs_per_s']:>10.1f}"
                              f"{row['tokens_per_s']:>11.0f}{row['gflops_per_s']:>9.1f}{ratio:>8}")
     if report["flops"]["peak_tflops"]:

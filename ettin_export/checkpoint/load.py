@@ -8,13 +8,12 @@ Accepted layouts (anything else is refused with a message naming what was found)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ettin_runtime.packing import resolve_max_length
+from ettin_runtime.packing import read_json, resolve_max_length
 
 from ettin_export.errors import CheckpointError
 
@@ -96,16 +95,16 @@ def load_checkpoint(source: str, revision: str | None = None, *, max_length: int
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{source}: no config.json in {path}; this is not a transformers/ST checkpoint.")
-    hf_config = _read_json(config_file)
+    hf_config = read_json(config_file)
     model_type = hf_config.get("model_type")
     if model_type != "modernbert":
         raise CheckpointError(
             f"{source}: the backbone is {model_type!r} ({', '.join(hf_config.get('architectures') or [])}); "
             "ettin-export supports ModernBERT rerankers only."
         )
-    modules = _read_json(modules_file) if modules_file.is_file() else None
+    modules = read_json(modules_file) if modules_file.is_file() else None
     architectures = hf_config.get("architectures") or []
-    st_task = _read_json(path / "sentence_bert_config.json").get("transformer_task")
+    st_task = read_json(path / "sentence_bert_config.json").get("transformer_task")
     if modules is not None and len(modules) > 1:
         checkpoint = _load_sentence_transformers(path, source, modules, hf_config)
     elif "ModernBertForSequenceClassification" in architectures or st_task == "sequence-classification":
@@ -119,7 +118,7 @@ def load_checkpoint(source: str, revision: str | None = None, *, max_length: int
         )
     checkpoint.revision = resolved_revision or revision
     checkpoint.max_length = resolve_max_length(path, max_length)
-    info = _read_json(path / "ettin_export.json")  # written by ettin-export for random-weights checkpoints
+    info = read_json(path / "ettin_export.json")  # written by ettin-export for random-weights checkpoints
     checkpoint.random_weights = bool(info.get("random_weights", False))
     checkpoint.size = info.get("size") or _known_size(source)
     return checkpoint
@@ -152,10 +151,10 @@ def _load_sentence_transformers(path: Path, source: str, modules: list[dict], hf
         )
     transformer_dir, pooling_dir, dense_dir, norm_dir, out_dir = (path / m.get("path", "") for m in modules)
     hidden = hf_config["hidden_size"]
-    pooling = _pooling_mode(_read_json(pooling_dir / "config.json"), source)
-    dense_cfg = _read_json(dense_dir / "config.json")
-    out_cfg = _read_json(out_dir / "config.json")
-    norm_cfg = _read_json(norm_dir / "config.json")
+    pooling = _pooling_mode(read_json(pooling_dir / "config.json"), source)
+    dense_cfg = read_json(dense_dir / "config.json")
+    out_cfg = read_json(out_dir / "config.json")
+    norm_cfg = read_json(norm_dir / "config.json")
     if (dense_cfg.get("in_features"), dense_cfg.get("out_features")) != (hidden, hidden):
         raise CheckpointError(
             f"{source}: the first Dense maps {dense_cfg.get('in_features')} -> {dense_cfg.get('out_features')}; "
@@ -246,7 +245,7 @@ def _pooling_mode(pooling_cfg: dict, source: str) -> str:
 def _score_activation(path: Path, hf_config: dict, default: str) -> str:
     """The activation CrossEncoder.predict applies: config_sentence_transformers.json, else the
     config.json 'sentence_transformers' block, else Sigmoid for one label."""
-    name = _read_json(path / "config_sentence_transformers.json").get("activation_fn")
+    name = read_json(path / "config_sentence_transformers.json").get("activation_fn")
     if name is None:
         name = (hf_config.get("sentence_transformers") or {}).get("activation_fn")
     if name is None:
@@ -261,32 +260,40 @@ def _prefixed(weights: dict, old: str, new: str) -> dict:
 
 
 def _load_weights(folder: Path, source: str, what: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single))
+        return _read_weights(single, source)
     if index.is_file():
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         weights = {}
         for shard in shards:
-            weights.update(load_file(str(folder / shard)))
+            weights.update(_read_weights(folder / shard, source))
         return weights
     legacy = folder / "pytorch_model.bin"
     if legacy.is_file():
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+        return _read_weights(legacy, source)
     raise CheckpointError(
         f"{source}: no weights for {what} in {folder} (looked for model.safetensors, "
         "model.safetensors.index.json, pytorch_model.bin)."
     )
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+def _read_weights(file: Path, source: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise CheckpointError(f"{source}: {file} is missing (named by model.safetensors.index.json); download or "
+                              "save the checkpoint again.")
+    try:
+        if file.suffix == ".bin":
+            return torch.load(file, map_location="cpu", weights_only=True)
+        return load_file(str(file))
+    except Exception as error:  # noqa: BLE001 - safetensors and torch raise their own error types
+        raise CheckpointError(
+            f"{source}: {file} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}): "
+            "it is truncated or corrupt. Download or save the checkpoint again."
+        ) from error
 
 
 def random_checkpoint_dir(size: str, seed: int = 0) -> Path:

@@ -31,9 +31,11 @@ from ettin_export.bench.measure import (
     gpu_peak,
     measure,
 )
-from ettin_export.commands.common import add_model_arguments
+from ettin_export.commands.common import add_model_arguments, checked_output, write_atomically
 from ettin_export.errors import UsageError
 from ettin_export.sizes import forward_flops
+
+EXIT_UNRELIABLE = 4  # the machine was loaded while measuring: figures are shown, no ratio is claimed
 
 
 def add_arguments(parser) -> None:
@@ -97,7 +99,7 @@ def open_setup(args) -> Setup:
     if is_artifact(args.model):
         if args.size is not None:
             raise UsageError("pass an artifact folder or --size, not both.")
-        artifact = Artifact.open(args.model)
+        artifact = Artifact.open(args.model, allow_unverified=args.allow_unverified)
         args.device = args.device or ("cpu" if artifact.engine.format == "onnx" else "cuda")
         args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
         reranker = artifact.load(device=args.device, threads=args.threads, max_length=args.max_length)
@@ -154,6 +156,7 @@ def _reference_of(artifact) -> str:
 def run(args) -> int:
     from ettin_export.synthetic.lengths import length_statistics, load_pairs
 
+    out = checked_output(args.out, reads=(args.lengths,)) if args.out else None
     log = (lambda message: None) if args.quiet else (lambda message: print(f"bench: {message}", file=sys.stderr))
     load = MachineLoad()
     setup = open_setup(args)
@@ -174,11 +177,17 @@ def run(args) -> int:
         gpu = torch.cuda.get_device_name(torch.device(args.device))
         device_name = gpu
     peak = gpu_peak(gpu, setup.precision, args.peak_tflops)
+    # A ratio measured while other processes loaded the machine is no result: it is kept aside, never as
+    # `ratio`, and the exit status says so.
+    reliable = measured["loaded_runs_kept"] == 0
     results = {}
     for mode, timings in measured["timings"].items():
         entry = {name: t.summary(len(pairs), tokens, flops) for name, t in timings.items()}
         if "baseline" in timings:
-            entry["ratio"] = timings["baseline"].median / timings["candidate"].median
+            ratio = timings["baseline"].median / timings["candidate"].median
+            entry["ratio"] = ratio if reliable else None
+            if not reliable:
+                entry["unreliable_ratio"] = ratio
         if peak:
             for name in timings:
                 entry[name]["fraction_of_peak"] = entry[name]["gflops_per_s"] / 1e3 / peak
@@ -187,6 +196,7 @@ def run(args) -> int:
     report = {
         "schema": SCHEMA,
         "command": command_line(args),
+        "reliable": reliable,
         "machine": {
             "device": device_name, "cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu,
             "threads": args.threads or os.cpu_count(), "platform": platform.platform(),
@@ -205,7 +215,7 @@ def run(args) -> int:
     }
     text = json.dumps(report, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        write_atomically(out, text + "\n")
     print(text if args.json else format_report(report))
     if report["machine"]["loaded"]:
         kept, retried = report["loaded_runs_kept"], report["retried_runs"]
@@ -213,6 +223,8 @@ def run(args) -> int:
               f"more than {LOADED_CORES} cores ({retried} rounds were measured again; on average "
               f"{report['machine']['other_processes_cores']} cores over the whole bench); the figures are suspect: "
               "re-run on a quiet machine.", file=sys.stderr)
+        print(f"bench: UNRELIABLE: no ratio is reported (exit {EXIT_UNRELIABLE}).", file=sys.stderr)
+        return EXIT_UNRELIABLE
     ratio = results.get("tokenization_inside", {}).get("ratio")
     if args.fail_below is not None and ratio is not None and ratio < args.fail_below:
         print(f"bench: FAILED: candidate/baseline = {ratio:.3f} < {args.fail_below}", file=sys.stderr)

@@ -4,6 +4,8 @@ command line names (an artifact with its own runtime, or a checkpoint with the p
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
 from ettin_export.errors import UsageError
@@ -21,6 +23,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, allow_artifact: bool
     parser.add_argument("--max-length", type=int,
                         help="tokens per pair, longer pairs are truncated (default: the checkpoint's own limit, as "
                              "CrossEncoder reads it; an artifact's recorded max_length)")
+    if allow_artifact:
+        parser.add_argument("--allow-unverified", action="store_true",
+                            help="open an artifact that failed its parity gate or never reached it (DIR.rejected, a "
+                                 "left-over staging folder), to inspect it")
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
@@ -44,7 +50,8 @@ def open_reranker(args, runtime: str = "auto"):
     if is_artifact(args.model) and runtime != "torch":
         from ettin_runtime import Artifact
 
-        return Artifact.open(args.model).load(None if runtime == "auto" else runtime, max_length=args.max_length)
+        artifact = Artifact.open(args.model, allow_unverified=args.allow_unverified)
+        return artifact.load(None if runtime == "auto" else runtime, max_length=args.max_length)
     if runtime not in ("auto", "torch"):
         raise UsageError(f"--runtime {runtime} needs an artifact folder built by `ettin-export build`.")
     import torch
@@ -53,3 +60,31 @@ def open_reranker(args, runtime: str = "auto"):
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[getattr(args, "dtype", "float32")]
     return TorchReranker.from_checkpoint(open_checkpoint(args), dtype=dtype, device=getattr(args, "device", "cpu"))
+
+
+def checked_output(out: str | Path, *, reads: tuple = ()) -> Path:
+    """An output file that may be written: not a folder, not one of the files the command reads, in a
+    folder that exists. Checked before any work, so nothing is lost to a bad --out."""
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; name the file to write into (e.g. {path / 'scores.jsonl'}).")
+    for source in reads:
+        if source not in (None, "-") and path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise UsageError(f"--out {path} is the file the pairs are read from; writing there would destroy it. "
+                             "Name another file.")
+    if not path.parent.is_dir():
+        raise UsageError(f"--out {path}: the folder {path.parent} does not exist; create it or name another file.")
+    return path
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path` and move it into place: a reader never sees half a
+    file, and an interrupted write leaves the old one."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

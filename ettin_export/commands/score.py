@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from ettin_export.commands.common import add_model_arguments, open_reranker, read_pairs
+from ettin_export.commands.common import (
+    add_model_arguments,
+    checked_output,
+    open_reranker,
+    read_pairs,
+    write_atomically,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,12 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    out = checked_output(args.out, reads=(args.pairs,)) if args.out else None
     pairs = read_pairs(args.pairs)
     with open_reranker(args, args.runtime) as reranker:
         scores = reranker.predict(pairs, batch_size=args.batch_size, activation=args.activation)
     lines = "".join(json.dumps({"score": float(s)}) + "\n" for s in scores)
-    if args.out:
-        Path(args.out).write_text(lines, encoding="utf-8")
+    if out is not None:
+        write_atomically(out, lines)
     else:
         sys.stdout.write(lines)
     return 0

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="queries in the built-in parity set (default: as many as the build judged on)")
     parser.add_argument("--device", default="auto", help="where the PyTorch reference runs: cpu, cuda or auto")
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    parser.add_argument("--allow-unverified", action="store_true",
+                        help="verify an artifact that failed its parity gate or never reached it (DIR.rejected)")
 
 
 def resolve_reference(artifact, reference: str | None):
@@ -57,7 +59,7 @@ def run(args) -> int:
     from ettin_export.progress import Steps
     from ettin_export.targets import get_target
 
-    artifact = Artifact.open(args.artifact)
+    artifact = Artifact.open(args.artifact, allow_unverified=args.allow_unverified)
     target = get_target(artifact.target)
     steps = Steps(f"ettin-export verify {args.artifact}", quiet=args.json)
     with steps.step("loading the artifact and its reference checkpoint"):

@@ -67,6 +67,7 @@ class PackedConfig:
     hidden_activation: str = "gelu"
     pad_token_id: int | None = None
     head: HeadConfig = field(default_factory=HeadConfig)
+    max_positions: int | None = None  # max_position_embeddings: the longest pair CrossEncoder would take
 
     @property
     def head_dim(self) -> int:
@@ -113,6 +114,7 @@ class PackedConfig:
             hidden_activation=config.hidden_activation,
             pad_token_id=config.pad_token_id,
             head=head,
+            max_positions=getattr(config, "max_position_embeddings", None),
         )
 
 

@@ -101,11 +101,11 @@ def packed_fp32(checkpoint: Checkpoint, pairs, encoder: PairEncoder, device: str
 def crossencoder_fp32(checkpoint: Checkpoint, pairs, max_length: int, device: str = "cpu",
                       *, bf16_weights: bool = False) -> tuple[np.ndarray, str]:
     """sentence-transformers' CrossEncoder.predict in fp32 (its own padded path), raw scores."""
-    import transformers
     from sentence_transformers import CrossEncoder
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    from ettin_export.progress import quiet_third_party
+
+    quiet_third_party()
     cross_encoder = CrossEncoder(str(checkpoint.path), activation_fn=torch.nn.Identity(), device=device,
                                  max_length=max_length)
     if bf16_weights:

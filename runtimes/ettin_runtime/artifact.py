@@ -125,6 +125,7 @@ class ModelFacts:
     windows: tuple[int, ...]  # per layer: -1 global, else the inclusive local half-width
     pooling: str  # "cls" | "mean"
     vocab_size: int
+    max_positions: int | None = None  # the model's max_position_embeddings: no pair may be longer
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "windows": list(self.windows)}
@@ -132,8 +133,8 @@ class ModelFacts:
     @classmethod
     def from_json(cls, data: Mapping) -> ModelFacts:
         try:
-            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name != "windows"},
-                       windows=tuple(int(w) for w in data["windows"]))
+            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name not in ("windows", "max_positions")},
+                       windows=tuple(int(w) for w in data["windows"]), max_positions=data.get("max_positions"))
         except (KeyError, TypeError) as error:
             raise ArtifactError(f"manifest model facts are incomplete ({error}). Rebuild the artifact.") from error
 
@@ -425,13 +426,43 @@ class Artifact:
         return cls.from_json(data, root)
 
     @classmethod
-    def open(cls, directory: str | Path) -> Artifact:
-        """The artifact at `directory`, with every recorded file present and matching its sha256."""
+    def open(cls, directory: str | Path, *, allow_unverified: bool = False) -> Artifact:
+        """The artifact at `directory`, with every file a runtime opens recorded, present and matching
+        its sha256, and its parity gate passed. `allow_unverified` opens one that failed its gate (a
+        build kept at OUT.rejected) or never reached it (a staging folder left by an interrupted
+        build), for inspection only."""
         artifact = cls.read(directory)
         artifact.verify_files()
+        if not allow_unverified:
+            artifact.require_verified()
         return artifact
 
+    def require_verified(self) -> None:
+        if not self.engine.complete:
+            return  # an --onnx-only build is not judged yet; runtimes refuse it with how to finish it
+        rebuild = ("Rebuild it with `ettin-export build ... --out DIR` (the same command, with --force if DIR "
+                   "exists); to inspect it anyway, pass --allow-unverified (Python: Artifact.open(dir, "
+                   "allow_unverified=True)).")
+        if self.parity is None:
+            raise ArtifactError(
+                f"{self.root} never passed a parity gate: its manifest has no parity result, so it is a staging "
+                f"folder of a build that did not finish (interrupted, or still running). {rebuild}"
+            )
+        if not self.parity.passed:
+            figures = (f" (max |Δ| {self.parity.max_abs_diff:.3g} against the bound {self.parity.max_abs_bound:.3g})"
+                       if self.parity.max_abs_diff is not None and self.parity.max_abs_bound is not None else "")
+            raise ArtifactError(
+                f"{self.root} FAILED its parity gate{figures}: it is a rejected build (parity.json has the report), "
+                f"not an artifact to serve. {rebuild}"
+            )
+
     def verify_files(self) -> None:
+        unrecorded = [name for name in (*self.engine.files, TOKENIZER_FILES[0]) if name not in self.files]
+        if unrecorded:
+            raise ArtifactError(
+                f"Artifact {self.root}: the manifest records no sha256 for {', '.join(unrecorded)}, which a runtime "
+                "opens, so it cannot be checked. Rebuild the artifact with `ettin-export build`."
+            )
         problems = []
         for name, expected in self.files.items():
             file = self.root / name
@@ -461,9 +492,25 @@ class Artifact:
         name = runtime or self.engine.runtime
         if name not in RUNTIMES:
             raise ArtifactError(f"unknown runtime {name!r}; known: {', '.join(RUNTIMES)}.")
+        load_options = LoadOptions(**options)
+        self.check_options(load_options)
         module_name, class_name = RUNTIMES[name].split(":")
         backend = getattr(importlib.import_module(module_name), class_name)
-        return backend.from_artifact(self, LoadOptions(**options))
+        return backend.from_artifact(self, load_options)
+
+    def check_options(self, options) -> None:
+        """LoadOptions against this artifact's facts, before any runtime allocates anything."""
+        longest = self.model.max_positions or self.max_length
+        length = self.max_length if options.max_length is None else options.max_length
+        if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= longest:
+            raise ArtifactError(
+                f"max_length {length!r} is outside what {self.root} can take: 2 to {longest} tokens (the model's "
+                f"positions; the artifact was built and checked at {self.max_length}). Pass a max_length in that range."
+            )
+        for name, least in (("max_batch_tokens", length), ("max_batch_pairs", 1), ("threads", 1)):
+            value = getattr(options, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ArtifactError(f"{name} must be an integer of at least {least} (max_length {length}); got {value!r}.")
 
 
 # The runtimes, by name: "module:Class" whose `from_artifact(artifact, LoadOptions)` returns a Reranker
@@ -512,6 +559,7 @@ class StagedFolder:
     def __init__(self, destination: str | Path, kind: str = "building"):
         self.destination = Path(destination)
         self.path = self.destination.parent / f".{self.destination.name}.{kind}-{os.getpid()}"
+        self.removed_stale = remove_stale_staging(self.destination)
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
@@ -534,3 +582,30 @@ class StagedFolder:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_staging(destination: Path) -> list[Path]:
+    """The hidden work folders (.NAME.<kind>-<pid>) that writers of `destination` left when their
+    process died (killed, power lost), removed; those of live processes are left alone. A backup of the
+    old destination (.NAME.old-<pid>) whose publish never finished is put back instead."""
+    removed = []
+    for candidate in sorted(destination.parent.glob(f".{destination.name}.*-*")):
+        kind, _, pid = candidate.name[len(destination.name) + 2:].rpartition("-")
+        if not (candidate.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid))):
+            continue
+        if kind == "old" and not destination.exists():
+            candidate.rename(destination)  # the publish died between its two renames: the old one is back
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
+    return removed

@@ -70,18 +70,18 @@ def resolve_max_length(checkpoint_dir: str | Path, override: int | None = None) 
         if isinstance(override, bool) or not isinstance(override, (int, np.integer)) or override < 2:
             raise PackingError(f"max_length must be an integer of at least 2 tokens (room for the special tokens), "
                              f"got {override!r}.")
-        positions = _read_json(root / "config.json").get("max_position_embeddings")
+        positions = read_json(root / "config.json").get("max_position_embeddings")
         if positions not in (None, -1) and override > int(positions):
             raise PackingError(
                 f"max_length {override} is beyond the model's {positions} positions (max_position_embeddings in "
                 f"{root / 'config.json'}); pass at most {positions}."
             )
         return int(override)
-    st_config = _read_json(root / "sentence_bert_config.json") if (root / "modules.json").is_file() else {}
+    st_config = read_json(root / "sentence_bert_config.json") if (root / "modules.json").is_file() else {}
     if st_config.get("max_seq_length") is not None:
         return int(st_config["max_seq_length"])
-    tokenizer_limit = _read_json(root / "tokenizer_config.json").get("model_max_length") or _VERY_LARGE_INTEGER
-    model_limit = _read_json(root / "config.json").get("max_position_embeddings")
+    tokenizer_limit = read_json(root / "tokenizer_config.json").get("model_max_length") or _VERY_LARGE_INTEGER
+    model_limit = read_json(root / "config.json").get("max_position_embeddings")
     limits = [int(tokenizer_limit)] + ([int(model_limit)] if model_limit not in (None, -1) else [])
     limit = min(limits)
     if limit >= _VERY_LARGE_INTEGER:
@@ -92,11 +92,15 @@ def resolve_max_length(checkpoint_dir: str | Path, override: int | None = None) 
     return limit
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path):
+    """A config file's JSON ({} when the file is absent); a broken one is named with what to do."""
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PackingError(f"{path} is not valid JSON ({error}); repair it or save the checkpoint again.") from error
 
 
 class PairEncoder:
@@ -125,9 +129,14 @@ class PairEncoder:
                 f"{root} has no tokenizer.json. ettin-export needs a fast (tokenizers) tokenizer file; "
                 "re-save the tokenizer with transformers' save_pretrained to create one."
             )
-        tokenizer_config = _read_json(root / "tokenizer_config.json")
+        tokenizer_config = read_json(root / "tokenizer_config.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as error:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+            raise PackingError(f"{tokenizer_file} cannot be read as a tokenizer ({error}); save the tokenizer "
+                               "again with transformers' save_pretrained.") from error
         return cls(
-            Tokenizer.from_file(str(tokenizer_file)),
+            tokenizer,
             resolve_max_length(root, max_length),
             tokenizer_config.get("truncation_side", "right"),
         )

@@ -69,11 +69,12 @@ class Reranker(abc.ABC):
     activation: str = "identity"
 
     @staticmethod
-    def load(artifact_dir, **options) -> Reranker:
-        """Open an artifact folder with the runtime its manifest names; `options` are LoadOptions'."""
+    def load(artifact_dir, *, allow_unverified: bool = False, **options) -> Reranker:
+        """Open an artifact folder with the runtime its manifest names; `options` are LoadOptions'.
+        An artifact that failed or never reached its parity gate is refused unless `allow_unverified`."""
         from .artifact import Artifact
 
-        return Artifact.open(artifact_dir).load(**options)
+        return Artifact.open(artifact_dir, allow_unverified=allow_unverified).load(**options)
 
     @property
     @abc.abstractmethod
@@ -106,10 +107,14 @@ class Reranker(abc.ABC):
             raise TypeError(f"query must be a string, got {type(query).__name__}.")
         if isinstance(documents, str):
             raise TypeError("documents must be a list of strings, not a single string.")
+        if documents is None:
+            raise TypeError("documents must be a list of strings, got None.")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0):
+            raise ValueError(f"top_k must be None (all documents) or a non-negative integer, got {top_k!r}.")
         scores = self.predict([(query, doc) for doc in documents], batch_size=batch_size, activation=activation)
         order = np.argsort(-scores, kind="stable")
         if top_k is not None:
-            order = order[: max(0, int(top_k))]
+            order = order[: int(top_k)]
         results = []
         for index in order:
             entry = {"corpus_id": int(index), "score": float(scores[index])}
@@ -131,9 +136,21 @@ class Reranker(abc.ABC):
         return apply_activation(scores, self.activation if activation == "default" else activation)
 
 
-def _reject_single_pair(pairs) -> None:
+def _check_pairs(pairs) -> None:
+    """predict()'s argument must be a sequence of (query, document) pairs (each pair is checked when it is
+    tokenized, by index)."""
     if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs):
         raise TypeError("predict() takes a list of pairs; wrap a single pair as [(query, document)].")
+    if pairs is None or isinstance(pairs, (str, bytes, dict)) or not hasattr(pairs, "__iter__"):
+        raise TypeError(f"predict() takes a list of (query, document) pairs, got {type(pairs).__name__}.")
+
+
+def _check_batch_size(batch_size) -> int | None:
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer (or None for the runtime's own), got {batch_size!r}.")
+    return int(batch_size)
 
 
 class PackedBatchReranker(Reranker):
@@ -168,10 +185,11 @@ class PackedBatchReranker(Reranker):
 
     def predict(self, pairs: Sequence[Pair], *, batch_size: int | None = None,
                 activation: str | None = None) -> np.ndarray:
-        _reject_single_pair(pairs)
+        _check_pairs(pairs)
+        batch_size = _check_batch_size(batch_size)
         token_ids = self.encoder.encode(pairs)
         scores = np.empty(len(token_ids), dtype=np.float32)
-        max_pairs = self.max_batch_pairs if batch_size is None else min(max(1, int(batch_size)), self.max_batch_pairs)
+        max_pairs = self.max_batch_pairs if batch_size is None else min(batch_size, self.max_batch_pairs)
         for batch in packed_batches(token_ids, self.max_batch_tokens, max_pairs):
             batch_scores = np.asarray(self._score(batch), dtype=np.float32).reshape(-1)
             if batch_scores.shape[0] != batch.num_pairs:

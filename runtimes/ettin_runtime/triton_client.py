@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import MissingDependency, RuntimeRefused
 from .packing import Pair, _split_pairs
-from .reranker import Reranker, _reject_single_pair
+from .reranker import Reranker, _check_batch_size, _check_pairs
 
 PROTOCOLS = ("http", "grpc")
 _MAX_MESSAGE = 2**31 - 1
@@ -305,9 +305,9 @@ class TritonReranker(Reranker):
             batch_size: documents per request (default: the constructor's `batch_size`).
             activation: None for raw scores; "sigmoid", "identity", or "default" (the model's own).
         """
-        _reject_single_pair(pairs)
+        _check_pairs(pairs)
         queries, documents = _split_pairs(pairs)
-        chunk = max(1, min(int(batch_size or self.batch_size), self.max_documents))
+        chunk = min(_check_batch_size(batch_size) or self.batch_size, self.max_documents)
         by_query: dict[str, list[int]] = {}
         for index, query in enumerate(queries):
             by_query.setdefault(query, []).append(index)

@@ -162,7 +162,12 @@ def test_bench_json_schema_and_onnx_not_slower_than_crossencoder(tiny_artifact, 
             median = entry[system]["median_s"]  # rounded to the microsecond
             assert entry[system]["pairs_per_s"] == pytest.approx(96 / median, rel=1e-3)
             assert entry[system]["tokens_per_s"] == pytest.approx(report["lengths"]["total_tokens"] / median, rel=1e-3)
-        assert entry["ratio"] == pytest.approx(entry["baseline"]["median_s"] / entry["candidate"]["median_s"], rel=1e-3)
+        measured = entry["ratio"] if report["reliable"] else entry["unreliable_ratio"]
+        assert measured == pytest.approx(entry["baseline"]["median_s"] / entry["candidate"]["median_s"], rel=1e-3)
+    if not report["reliable"]:
+        assert status == 4 and report["results"]["tokenization_inside"]["ratio"] is None
+        pytest.skip(f"other processes loaded this machine during {report['loaded_runs_kept']} timed rounds: the speed "
+                    "gate cannot be judged here (bench exit 4, unreliable)")
     ratio = report["results"]["tokenization_inside"]["ratio"]
     assert status == 0, f"ONNX Runtime is slower than CrossEncoder: {ratio:.2f}x"
     assert ratio >= 1.0

@@ -251,37 +251,20 @@ def crossencoder_throughput(torch, report: Report, size: str, pairs, device: str
 
 
 def _measure_crossencoder(torch, entry: dict, size: str, pairs, device: str, folder: Path) -> None:
-    from sentence_transformers import CrossEncoder
-
+    """bench's own baseline (bench.measure.CrossEncoderContender), in bf16 on this GPU."""
+    from ettin_export.bench.measure import CrossEncoderContender
     from ettin_export.synthetic.checkpoints import write_random_checkpoint
 
     start = time.time()
-    layout = "sentence-transformers"
     write_random_checkpoint(folder, size, calibrate=False)
     entry["checkpoint_write_s"] = round(time.time() - start, 2)
-    kwargs = dict(device=device, max_length=512, activation_fn=torch.nn.Identity(),
-                  model_kwargs={"dtype": torch.bfloat16, "attn_implementation": "sdpa"})
-    try:
-        model = CrossEncoder(str(folder), **kwargs)
-    except Exception as error:  # noqa: BLE001 - an older sentence-transformers: the plain HF layout instead
-        entry["sentence_transformers_layout_error"] = f"{type(error).__name__}: {error}"
-        shutil.rmtree(folder, ignore_errors=True)
-        layout = "hf-sequence-classification"
-        write_random_checkpoint(folder, size, calibrate=False, layout=layout)
-        model = CrossEncoder(str(folder), **kwargs)
-    model.to(torch.bfloat16)
-    entry["layout"] = layout
+    contender = CrossEncoderContender(str(folder), 512, CROSSENCODER_BATCH, device, "bfloat16")
     entry["load_s"] = round(time.time() - start, 2)
-    implementations = sorted({m.config._attn_implementation for m in model.modules()
-                              if hasattr(getattr(m, "config", None), "_attn_implementation")})
-    entry["attention"] = (f"SDPA ({', '.join(implementations)}; padded batches of {CROSSENCODER_BATCH}, "
+    entry["baseline"] = contender.description
+    entry["attention"] = (f"{contender.description['attention'] or 'default'} (padded batches of {CROSSENCODER_BATCH}, "
                           "no flash-attn on this machine)")
-    entry["dtype"] = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
-
-    def predict():
-        model.predict(pairs, batch_size=CROSSENCODER_BATCH, show_progress_bar=False, convert_to_numpy=True)
-
-    entry["end_to_end"] = pairs_per_second(torch, predict, len(pairs), min_seconds=1.0, max_reps=4, device=device)
+    entry["end_to_end"] = pairs_per_second(torch, lambda: contender.predict(pairs), len(pairs), min_seconds=1.0,
+                                           max_reps=4, device=device)
 
 
 def _free(torch, device: str) -> None:

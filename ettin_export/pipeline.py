@@ -65,6 +65,8 @@ class BuildOptions:
     onnx_only: bool = False
     check_crossencoder: bool = True
     parity_queries: int | None = None  # None: default_parity_queries() for the model and target
+    precision: str | None = None  # None: the target's (cpu: fp32; also int8, bf16)
+    runtime: str | None = None  # None: the fastest of the precision's runtimes installed here
     quiet: bool = False
     command_line: list[str] = field(default_factory=lambda: list(sys.argv))
 
@@ -189,41 +191,140 @@ def onnx_engine(path: Path, external_data: Path | None, **changes) -> Engine:
     import onnxruntime
 
     proto = onnx.load(str(path), load_external_data=False)
-    return Engine(format="onnx", file=path.name, runtime="onnxruntime",
+    fields = dict(format="onnx", file=path.name, runtime="onnxruntime",
                   external_data=external_data.name if external_data else None,
                   opset=next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-                  onnxruntime_version=onnxruntime.__version__, **changes)
+                  onnxruntime_version=onnxruntime.__version__)
+    return Engine(**{**fields, **changes})
 
 
-# --- target cpu: fp32 ONNX for ONNX Runtime ------------------------------------------------------
+# --- target cpu: fp32, int8 or bf16 ONNX for ONNX Runtime / OpenVINO ---------------------------------
+
+
+RUNTIME_TIMING_TOKENS = 4096  # the sample each candidate runtime is timed on (a few batches' worth)
+RUNTIME_TIMING_RUNS = 3
+
+
+def _importable(runtime: str) -> bool:
+    import importlib.util
+
+    module = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}[runtime]
+    return importlib.util.find_spec(module) is not None
+
+
+def runtime_candidates(precision, requested: str | None) -> list[str]:
+    """The runtimes the build may choose from for this precision, installed here (or the one asked for)."""
+    from ettin_export.targets import CPU_PRECISIONS  # noqa: F401  (precision is one of them)
+
+    if requested is not None:
+        if requested not in precision.runtimes:
+            raise BuildError(f"--runtime {requested} cannot run {precision.name} artifacts; choose one of "
+                             f"{', '.join(precision.runtimes)}.")
+        if not _importable(requested):
+            raise BuildError(f"--runtime {requested} is not installed here: pip install 'ettin-export[{requested}]'.")
+        return [requested]
+    installed = [r for r in precision.runtimes if _importable(r)]
+    if not installed:
+        raise BuildError(f"{precision.name} artifacts run on {' or '.join(precision.runtimes)}, none of which is "
+                         f"installed here: pip install 'ettin-export[{precision.runtimes[0]}]'.")
+    return installed
+
+
+def time_runtimes(artifact: Artifact, candidates: list[str], pairs, steps: Steps) -> dict[str, float]:
+    """pairs/s of each candidate runtime on the same sample, interleaved, median of a few passes."""
+    import statistics
+    import time
+
+    lengths = [len(ids) for ids in PairEncoder.from_dir(artifact.root, artifact.max_length).encode(pairs)]
+    sample, tokens = [], 0
+    for pair, length in zip(pairs, lengths):
+        if sample and tokens + length > RUNTIME_TIMING_TOKENS:
+            break
+        sample.append(pair)
+        tokens += length
+    runtimes = {name: artifact.load(runtime=name, device="cpu") for name in candidates}
+    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+    with steps.step(f"timing {' and '.join(candidates)} on {len(sample)} pairs ({tokens} tokens)"):
+        for runtime in runtimes.values():
+            runtime.predict(sample)  # warm-up
+        for _ in range(RUNTIME_TIMING_RUNS):
+            for name, runtime in runtimes.items():
+                start = time.perf_counter()
+                runtime.predict(sample)
+                seconds[name].append(time.perf_counter() - start)
+    for runtime in runtimes.values():
+        runtime.close()
+    speeds = {name: round(len(sample) / statistics.median(times), 2) for name, times in seconds.items()}
+    steps.note(", ".join(f"{name} {speed:g} pairs/s" for name, speed in speeds.items()))
+    return speeds
 
 
 def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, staging: StagedFolder) -> ParityReport:
-    """fp32 ONNX for ONNX Runtime, written into `staging`; returns the parity report."""
+    """The CPU artifact at the asked precision, written into `staging`; returns the parity report.
+
+    fp32: the exported graph. int8: that graph with ONNX Runtime's dynamic quantization of the linear
+    layers (graph.quantize). bf16: the fp32 graph for OpenVINO's bf16 compute. The runtime is the
+    fastest of those that can run the precision here (timed on a sample), unless --runtime names one."""
     import onnx
     import onnxruntime
 
     from ettin_export.graph.export import export_onnx
     from ettin_export.graph.validate import check_graph_contract, check_values
+    from ettin_export.targets import CPU_PRECISIONS
 
+    precision = CPU_PRECISIONS[options.target.precision_of(options.precision)]
+    candidates = runtime_candidates(precision, options.runtime)  # before long work: a missing runtime stops here
     model, run = reference_model(checkpoint, options, steps)
-    with steps.step("exporting fp32 ONNX (VarlenAttention custom op + local function body)"):
-        exported = export_onnx(model, staging.path / "model.onnx", "fp32")
-    with steps.step(f"validating the graph: names, dynamic axes, values on {len(run.grid)} unseen shapes"):
-        check_graph_contract(onnx.load(str(exported.path), load_external_data=False), model.config.num_layers)
-        session = onnxruntime.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
-        worst = check_values(session, run.encoder, run.grid, run.grid_references)
-        del session
-    steps.note(f"max |Δ| ONNX Runtime vs the fp64 anchor on the validation grid: {worst:.2e}")
+    fp32_dir = staging.path if precision.name != "int8" else StagedFolder(options.out, "fp32").path
+    try:
+        with steps.step("exporting fp32 ONNX (VarlenAttention custom op + local function body)"):
+            exported = export_onnx(model, fp32_dir / "model.onnx", "fp32")
+        with steps.step(f"validating the graph: names, dynamic axes, values on {len(run.grid)} unseen shapes"):
+            check_graph_contract(onnx.load(str(exported.path), load_external_data=False), model.config.num_layers)
+            session = onnxruntime.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+            worst = check_values(session, run.encoder, run.grid, run.grid_references)
+            del session
+        steps.note(f"max |Δ| ONNX Runtime vs the fp64 anchor on the validation grid: {worst:.2e}")
+        recipe = precision.recipe_json
+        graph = exported.path
+        if precision.name == "int8":
+            from ettin_export.graph.quantize import quantize_int8, quantized_nodes
+
+            with steps.step("quantizing the linear layers to int8 (ONNX Runtime dynamic, per channel, head in fp32)"):
+                recipe.update(quantize_int8(exported.path, staging.path / "model.onnx"))
+                graph = staging.path / "model.onnx"
+                quantized = onnx.load(str(graph), load_external_data=False)
+                check_graph_contract(quantized, model.config.num_layers)  # the op, its body and the I/O survive
+                recipe["nodes"] = quantized_nodes(quantized)
+                del quantized
+    finally:
+        if fp32_dir != staging.path:
+            shutil.rmtree(fp32_dir, ignore_errors=True)
     copy_tokenizer_files(checkpoint, staging.path)
     limits = Limits(options.max_batch_pairs or DEFAULT_MAX_BATCH_PAIRS,
                     options.max_batch_tokens or max(DEFAULT_MAX_BATCH_TOKENS, options.max_length))
-    artifact = new_artifact(checkpoint, options, staging.path,
-                            engine=onnx_engine(exported.path, exported.external_data), limits=limits)
+    external = staging.path / (graph.name + ".data")
+    engine = onnx_engine(graph, external if external.is_file() else None, runtime=candidates[0],
+                         record={"recipe": recipe})
+    artifact = new_artifact(checkpoint, options, staging.path, engine=engine, limits=limits, precision=precision.name)
+    choice = {"candidates": candidates, "by": "--runtime" if options.runtime else "the only one installed"}
+    if len(candidates) > 1:
+        choice.update(pairs_per_s=time_runtimes(artifact, candidates, run.pairs, steps), by="timed on this machine")
+        candidates = sorted(candidates, key=lambda name: -choice["pairs_per_s"][name])
+    runtime_name = candidates[0]
+    choice["chosen"] = runtime_name
+    record = {"recipe": recipe, "runtime_choice": choice}
+    if runtime_name == "openvino":
+        import openvino
+
+        record["openvino_version"] = openvino.__version__
+    engine = dataclasses.replace(engine, runtime=runtime_name, record=record)
+    artifact = artifact.replace(engine=engine)
     artifact.write()
-    with steps.step(f"parity on the built-in set ({len(run.pairs)} pairs, {len(run.groups)} queries)"):
+    with steps.step(f"parity on the built-in set ({len(run.pairs)} pairs, {len(run.groups)} queries, {runtime_name})"):
         runtime = artifact.load(device="cpu")
-        report = run.judge(options.target, "onnxruntime fp32 (CPU)", runtime.predict(run.pairs))
+        report = run.judge(options.target, f"{runtime_name} {precision.name} (CPU)", runtime.predict(run.pairs),
+                           precision=precision.name)
         runtime.close()
     finish_artifact(artifact, report)
     return report

@@ -20,28 +20,79 @@ class ScoreBounds:
     and the ranking bounds hold, so the bound grows with what rounding alone does to this checkpoint
     (its depth, its score spread) and nothing else."""
 
-    error_ratio: float
+    error_ratio: float | None  # None: no error bound, max |Δ| reported only (reduced CPU precisions)
     error_slack: float
     own_reference: str  # what the "own reference" is, for reports and errors
     min_spearman: float = 0.999
     min_top1_agreement: float = 0.99
     min_top10_overlap: float = 0.98
+    # |slope - 1| of the least-squares fit candidate ~ anchor: ranks are blind to a uniform rescaling of
+    # the scores (a wrong head scale keeps every order), so reduced precisions also bound the scale.
+    max_scale_error: float | None = None
+
+    @property
+    def needs_lowp_reference(self) -> bool:
+        """The own reference is the packed model in bf16 with flash attention (the GPU gate)."""
+        return self.own_reference == BF16_FLASH_REFERENCE
 
     def limit(self, own_error: float) -> float:
-        return self.error_ratio * own_error + self.error_slack
+        return float("inf") if self.error_ratio is None else self.error_ratio * own_error + self.error_slack
 
     def describe(self, own_error: float) -> str:
+        if self.error_ratio is None:
+            return "none (reported only)"
         slack = f" + {self.error_slack:g}" if self.error_slack else ""
         return f"{self.error_ratio:g} x {own_error:.3g}{slack} = {self.limit(own_error):.3g}"
 
 
+BF16_FLASH_REFERENCE = "packed PyTorch bf16 with flash attention"
 FP32_BOUNDS = ScoreBounds(2.0, 1e-5, "sentence-transformers CrossEncoder fp32")
-BF16_BOUNDS = ScoreBounds(1.5, 0.0, "packed PyTorch bf16 with flash attention")
+BF16_BOUNDS = ScoreBounds(1.5, 0.0, BF16_FLASH_REFERENCE)
+# Reduced CPU precisions rank like fp32 (issue 13): rank gates against the fp32 reference (the fp64
+# anchor), max |Δ| reported, and the score scale within 5 %.
+INT8_BOUNDS = ScoreBounds(None, 0.0, "sentence-transformers CrossEncoder fp32", min_spearman=0.995,
+                          min_top1_agreement=0.98, min_top10_overlap=0.98, max_scale_error=0.05)
+BF16_CPU_BOUNDS = ScoreBounds(None, 0.0, "sentence-transformers CrossEncoder fp32", min_spearman=0.999,
+                              min_top1_agreement=0.99, min_top10_overlap=0.98, max_scale_error=0.05)
 # Kernel level (flash-attention's convention): the attention kernel's error against the fp32 reference
 # within 2 x PyTorch's own bf16 attention error on the same inputs (+ a hair for ties at zero error).
 KERNEL_BOUNDS = ScoreBounds(2.0, 1e-5, "PyTorch's own bf16 attention")
 # An fp32 attention implementation against the fp32 reference, on outputs of order 1.
 FP32_OP_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One precision of a target: its bounds, the runtimes that can run it (the build times them and
+    keeps the fastest), and how the artifact is made (recorded in the manifest)."""
+
+    name: str  # "fp32" | "int8" | "bf16"
+    description: str
+    bounds: ScoreBounds
+    runtimes: tuple[str, ...]  # ettin_runtime.artifact.RUNTIMES keys, the first when nothing is timed
+    recipe: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def recipe_json(self) -> dict:
+        return dict(self.recipe)
+
+
+CPU_PRECISIONS = {
+    p.name: p
+    for p in (
+        Precision("fp32", "fp32 ONNX graph (the exact contract)", FP32_BOUNDS, ("onnxruntime", "openvino"),
+                  (("weights", "fp32"), ("compute", "fp32"))),
+        Precision("int8", "int8 linear layers (ONNX Runtime dynamic quantization, per channel)", INT8_BOUNDS,
+                  ("onnxruntime",),
+                  (("method", "onnxruntime.quantization.quantize_dynamic"), ("weights", "int8 symmetric, per output channel"),
+                   ("activations", "uint8, per batch (dynamic)"), ("quantized", "every linear layer of the backbone"),
+                   ("kept_fp32", "embeddings, attention (softmax, scores), norms, rotary, the head (Dense, classifier)"))),
+        Precision("bf16", "bf16 matrix products (OpenVINO's bf16 inference precision on AVX512_BF16 / AMX)",
+                  BF16_CPU_BOUNDS, ("openvino",),
+                  (("method", "the fp32 graph under OpenVINO INFERENCE_PRECISION_HINT=bf16"),
+                   ("weights", "fp32 on disk, bf16 in compute"), ("kept_fp32", "the score output"))),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -54,13 +105,26 @@ class Target:
     compute_capability: tuple[int, int] | None = None  # the GPU the engine is built for
     ptx_arch: str | None = None  # the plugin kernel's PTX target
     default_max_batch_pairs: int = 64
+    precisions: tuple[str, ...] = ()  # what --precision may ask for (the first is the default)
+
+    def precision_of(self, name: str | None) -> str:
+        name = name or self.precision
+        if name not in (self.precisions or (self.precision,)):
+            raise UnknownTarget(f"--target {self.name} builds precision {', '.join(self.precisions or (self.precision,))}; "
+                                f"got {name!r}.")
+        return name
+
+    def bounds_for(self, precision: str) -> ScoreBounds:
+        if self.engine == "onnx" and precision in CPU_PRECISIONS:
+            return CPU_PRECISIONS[precision].bounds
+        return self.bounds
 
 
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("cpu", "fp32", "onnx", "fp32 ONNX graph for ONNX Runtime (CPU, or CUDA with onnxruntime-gpu)",
-               FP32_BOUNDS),
+        Target("cpu", "fp32", "onnx", "ONNX graph for the CPU: fp32 (exact), int8 or bf16 (rank like fp32)",
+               FP32_BOUNDS, precisions=tuple(CPU_PRECISIONS)),
         Target(
             "h100", "bf16", "tensorrt", "bf16 TensorRT engine for NVIDIA H100 / H200 (Hopper, sm_90a)",
             BF16_BOUNDS, compute_capability=(9, 0), ptx_arch="sm_90a",

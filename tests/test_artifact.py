@@ -136,7 +136,7 @@ def test_newer_format_and_garbage_manifest_are_refused(tiny_artifact, tmp_path):
 def test_precision_the_runtime_cannot_run_is_refused(tiny_artifact, tmp_path):
     artifact = _copy(tiny_artifact, tmp_path)
     Artifact.open(artifact).replace(precision="bf16").write()
-    with pytest.raises(ArtifactError, match="is a bf16 graph .* runs fp32 graphs only"):
+    with pytest.raises(ArtifactError, match="is a bf16 artifact .* runs fp32 and int8 ones"):
         Reranker.load(artifact)
 
 

@@ -12,7 +12,12 @@ from ettin_export.errors import UsageError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, allow_artifact=False)
-    parser.add_argument("--target", default="cpu", help="cpu (fp32 ONNX Runtime) or h100 (bf16 TensorRT)")
+    parser.add_argument("--target", default="cpu", help="cpu (ONNX graph) or h100 (bf16 TensorRT)")
+    parser.add_argument("--precision", choices=["fp32", "int8", "bf16"],
+                        help="cpu: fp32 (default; the exact contract), int8 or bf16 (rank like fp32, faster)")
+    parser.add_argument("--runtime", choices=["onnxruntime", "openvino"],
+                        help="cpu: the runtime the artifact names (default: the fastest installed for the precision, "
+                             "timed on this machine)")
     parser.add_argument("--out", help="artifact folder (default: artifacts/<name>-<target>)")
     parser.add_argument("--max-batch-size", type=int, help="most pairs per forward pass (TensorRT: the profile's)")
     parser.add_argument("--max-batch-tokens", type=int, help="most tokens per forward pass")
@@ -28,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def default_out(args, target) -> Path:
     name = args.size or Path(args.model.rstrip("/")).name
-    return Path("artifacts") / f"{name}{'-random' if args.random_weights else ''}-{target.name}"
+    precision = f"-{args.precision}" if args.precision and args.precision != target.precision else ""
+    return Path("artifacts") / f"{name}{'-random' if args.random_weights else ''}-{target.name}{precision}"
 
 
 def run(args) -> int:
@@ -43,5 +49,6 @@ def run(args) -> int:
         max_batch_pairs=args.max_batch_size, max_batch_tokens=args.max_batch_tokens, force=args.force,
         onnx_only=args.onnx_only, check_crossencoder=not args.skip_crossencoder_check,
         parity_queries=args.parity_queries, quiet=args.quiet, command_line=["ettin-export", *args.argv],
+        precision=args.precision, runtime=args.runtime,
     )
     return run_build(lambda: open_checkpoint(args), options)

@@ -80,9 +80,9 @@ def run(args) -> int:
         except ReferenceMismatch as error:
             steps.console.print(f"  FAILED: {error}")
             return 1
-    candidate_name = f"{artifact.engine.format} {artifact.precision} ({Path(args.artifact).name})"
+    candidate_name = f"{artifact.engine.runtime} {artifact.precision} ({Path(args.artifact).name})"
     with steps.step(f"judging against the {target.precision} bounds"):
-        report = run.judge(target, candidate_name, candidate)
+        report = run.judge(target, candidate_name, candidate, precision=artifact.precision)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -151,3 +151,23 @@ def varlen_attention(
 @varlen_attention.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, window):
     return torch.empty_like(q)
+
+
+def _setup_backward(ctx, inputs, output):
+    q, k, v, cu_seqlens, _max_seqlen, window = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens)
+    ctx.window = window
+
+
+def _backward(ctx, grad):
+    """Gradients through the exact reference math (recomputed): the packed model can be fine-tuned on
+    the CPU (the synthetic trained rerankers of the tests), whatever served the forward pass."""
+    q, k, v, cu_seqlens = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+        out = reference_varlen_attention(*leaves, cu_seqlens, ctx.window)
+        grads = torch.autograd.grad(out, leaves, grad)
+    return (*grads, None, None, None)
+
+
+varlen_attention.register_autograd(_backward, setup_context=_setup_backward)

@@ -165,6 +165,14 @@ class ParityReport:
         return out
 
 
+def score_scale(candidate, anchor) -> float:
+    """The slope of the least-squares fit candidate ~ anchor (1 for the same scale)."""
+    anchor = np.asarray(anchor, np.float64)
+    centered = anchor - anchor.mean()
+    variance = float(centered @ centered)
+    return float(centered @ (np.asarray(candidate, np.float64) - np.mean(candidate)) / variance) if variance else 1.0
+
+
 def judge(
     target: Target,
     candidate_name: str,
@@ -172,10 +180,14 @@ def judge(
     references: References,
     spans: Sequence[slice],
     anchor_precision: str = "fp64",
+    *,
+    precision: str | None = None,
 ) -> ParityReport:
-    """Apply the target's bounds (DESIGN.md): max |candidate - anchor| within error_ratio x the own
-    reference's error + slack, and the ranking bounds against the anchor."""
-    bounds = target.bounds
+    """Apply the bounds of the target at the candidate's precision (DESIGN.md): max |candidate - anchor|
+    within error_ratio x the own reference's error + slack (where the precision has an error bound),
+    the score scale (where it has one), and the ranking bounds against the anchor."""
+    precision = precision or target.precision
+    bounds = target.bounds_for(precision)
     metrics = ParityMetrics.compute(references.anchor, candidate, spans)
     own = ParityMetrics.compute(references.anchor, references.own, spans)
     versus_own = ParityMetrics.compute(references.own, candidate, spans)
@@ -187,15 +199,25 @@ def judge(
             f"({bounds.error_ratio:g} x the own error of {references.own_name}"
             f"{f' + {bounds.error_slack:g}' if bounds.error_slack else ''})"
         )
-    limits = {"max_abs_diff": check.limit, "error_ratio": bounds.error_ratio, "error_slack": bounds.error_slack}
+    limits = {"max_abs_diff": check.limit if bounds.error_ratio is not None else None,
+              "error_ratio": bounds.error_ratio, "error_slack": bounds.error_slack}
     for name, bound in (("spearman", bounds.min_spearman), ("top1_agreement", bounds.min_top1_agreement),
                         ("top10_overlap", bounds.min_top10_overlap)):
         limits[name] = bound
         value = getattr(metrics, name)
         if not value >= bound:
             failures.append(f"{name} {value:.4f} < {bound:g}")
+    if bounds.max_scale_error is not None:
+        scale = score_scale(candidate, references.anchor)
+        limits.update(max_scale_error=bounds.max_scale_error, score_scale=scale)
+        if not abs(scale - 1.0) <= bounds.max_scale_error:
+            failures.append(
+                f"score scale {scale:.4f} (least-squares slope of the candidate on the anchor) is more than "
+                f"{bounds.max_scale_error:.0%} from 1: a uniform rescaling keeps every rank, so a wrong head or output "
+                "scale shows only here"
+            )
     return ParityReport(
-        target=target.name, precision=target.precision, candidate=candidate_name,
+        target=target.name, precision=precision, candidate=candidate_name,
         reference=references.anchor_name, metrics=metrics, reference_lowp=references.own_name,
         reference_lowp_metrics=own, candidate_vs_reference_lowp=versus_own, anchor_precision=anchor_precision,
         bounds=limits, failures=failures,
@@ -219,12 +241,16 @@ def format_report(report: ParityReport) -> str:
         lines.append(f"  candidate vs own reference:  max |Δ| {c.max_abs_diff:.3g}   mean |Δ| {c.mean_abs_diff:.3g}   "
                      "(for information)")
     b = report.bounds
-    rule = f"max |Δ| ≤ {b['error_ratio']:g} x own error"
-    if b.get("error_slack"):
-        rule += f" + {b['error_slack']:g}"
+    if b.get("error_ratio") is None:
+        rule = "max |Δ| reported only"
+    else:
+        rule = f"max |Δ| ≤ {b['error_ratio']:g} x own error" + (f" + {b['error_slack']:g}" if b.get("error_slack") else "")
+        rule += f" = {b['max_abs_diff']:.3g}"
+    scale = (f", score scale {b['score_scale']:.4f} within 1 ± {b['max_scale_error']:g}"
+             if b.get("max_scale_error") is not None else "")
     lines.append(
-        f"  bounds: {rule} = {b['max_abs_diff']:.3g}, Spearman ≥ {b['spearman']:g}, "
-        f"top-1 ≥ {b['top1_agreement']:g}, top-10 overlap ≥ {b['top10_overlap']:g}"
+        f"  bounds: {rule}, Spearman ≥ {b['spearman']:g}, top-1 ≥ {b['top1_agreement']:g}, "
+        f"top-10 overlap ≥ {b['top10_overlap']:g}{scale}"
     )
     lines.append("  PASSED" if report.passed else "  FAILED: " + "; ".join(report.failures))
     return "\n".join(lines)

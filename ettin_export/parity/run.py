@@ -47,16 +47,18 @@ class ReferenceRun:
         return self.references.anchor, self.references.anchor_name
 
     def judge(self, target: Target, candidate_name: str, candidate: np.ndarray,
-              bf16_reference: Callable[..., References] | None = None) -> ParityReport:
-        """The verdict on `candidate` (scores of `pairs`, in order) under the target's bounds. For a bf16
-        target the own reference is the packed model in bf16 with flash attention (`bf16_reference`,
-        by default references.bf16_references on this run's device), against the same anchor."""
+              bf16_reference: Callable[..., References] | None = None, *, precision: str | None = None) -> ParityReport:
+        """The verdict on `candidate` (scores of `pairs`, in order) under the target's bounds at the
+        candidate's precision. Where the own reference is the packed model in bf16 with flash attention
+        (the GPU gate), it is measured (`bf16_reference`, by default references.bf16_references on this
+        run's device) against the same anchor; the CPU precisions are judged against fp32's references."""
+        precision = precision or target.precision
         references = self.references
-        if target.precision == "bf16":
+        if target.bounds_for(precision).needs_lowp_reference:
             make = bf16_reference or (lambda checkpoint, pairs, encoder, anchor: bf16_references(
                 checkpoint, pairs, encoder, self.device, anchor))
             references = make(self.checkpoint, self.pairs, self.encoder, self.anchor)
-        return judge(target, candidate_name, np.asarray(candidate), references, self.spans)
+        return judge(target, candidate_name, np.asarray(candidate), references, self.spans, precision=precision)
 
 
 def reference_run(checkpoint, encoder, groups: Sequence[Group], *, device: str, steps, crossencoder: bool = True,

@@ -8,7 +8,7 @@
     artifact.py     the artifact folder as typed data: Artifact.open, the RUNTIMES registry, StagedFolder
     reranker.py     the contract: Reranker (predict / rank / close) and PackedBatchReranker (local runtimes)
     packing.py      CrossEncoder-exact tokenization and unpadded packing
-    backends/       one file per local runtime (ONNX Runtime, TensorRT)
+    backends/       one file per local runtime (ONNX Runtime, OpenVINO, TensorRT)
     triton_client.py  TritonReranker: the same contract against a Triton Inference Server
     errors.py       the one error root
 """
@@ -25,6 +25,7 @@ __all__ = [
     "LoadOptions",
     "MissingDependency",
     "OnnxRuntimeReranker",
+    "OpenVinoReranker",
     "PackedBatch",
     "PackedBatchReranker",
     "PairEncoder",
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "OnnxRuntimeReranker": "backends.onnxruntime",
+    "OpenVinoReranker": "backends.openvino",
     "TensorRTReranker": "backends.tensorrt",
     "TritonReranker": "triton_client",
 }

@@ -517,6 +517,7 @@ class Artifact:
 # (imported only when asked for, so a runtime-only install needs only the runtime it uses).
 RUNTIMES = {
     "onnxruntime": "ettin_runtime.backends.onnxruntime:OnnxRuntimeReranker",
+    "openvino": "ettin_runtime.backends.openvino:OpenVinoReranker",
     "tensorrt": "ettin_runtime.backends.tensorrt:TensorRTReranker",
 }
 # The runtime an engine format is run by when the manifest names none.

@@ -13,7 +13,9 @@ from ..errors import ArtifactError, MissingDependency, RuntimeRefused
 from ..packing import PackedBatch, PairEncoder
 from ..reranker import LoadOptions, PackedBatchReranker
 
-_RUNNABLE_PRECISIONS = {"CPUExecutionProvider": {"fp32"}, "CUDAExecutionProvider": {"fp32"}}
+# bf16 CPU artifacts hold the fp32 graph for OpenVINO's bf16 compute (ONNX Runtime's CPU provider has
+# no bf16 MatMul); the H100's bf16 graph is TensorRT's.
+_RUNNABLE_PRECISIONS = {"CPUExecutionProvider": {"fp32", "int8"}, "CUDAExecutionProvider": {"fp32"}}
 
 
 def cpu_batch_tokens(hidden_size: int | None, max_length: int) -> int:
@@ -69,9 +71,9 @@ class OnnxRuntimeReranker(PackedBatchReranker):
         providers = choose_providers(options.device)
         if artifact.precision not in _RUNNABLE_PRECISIONS[providers[0]]:
             raise ArtifactError(
-                f"{artifact.root} is a {artifact.precision} graph (target {artifact.target}); ONNX Runtime's "
-                f"{providers[0]} runs fp32 graphs only. Build a CPU artifact with "
-                "`ettin-export build ... --target cpu`, or run this one with its own runtime (TensorRT)."
+                f"{artifact.root} is a {artifact.precision} artifact (target {artifact.target}); ONNX Runtime's "
+                f"{providers[0]} runs {' and '.join(sorted(_RUNNABLE_PRECISIONS[providers[0]]))} ones. Run it with "
+                f"its own runtime ({artifact.engine.runtime}), or build `ettin-export build ... --target cpu`."
             )
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

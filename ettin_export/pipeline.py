@@ -47,7 +47,7 @@ from ettin_runtime.packing import PairEncoder
 from ettin_export import __version__
 from ettin_export.checkpoint import Checkpoint
 from ettin_export.errors import BuildError
-from ettin_export.parity import ParityReport, References, builtin_parity_set, format_report
+from ettin_export.parity import ParityReport, References, builtin_parity_set, format_report, read_parity_file
 from ettin_export.parity.references import ReferenceMismatch
 from ettin_export.parity.run import ReferenceRun, reference_run
 from ettin_export.progress import Steps
@@ -65,6 +65,7 @@ class BuildOptions:
     onnx_only: bool = False
     check_crossencoder: bool = True
     parity_queries: int | None = None  # None: default_parity_queries() for the model and target
+    parity_pairs: str | None = None  # a pairs file to gate on instead of the built-in set
     precision: str | None = None  # None: the target's (cpu: fp32; also int8, bf16)
     runtime: str | None = None  # None: the fastest of the precision's runtimes installed here
     quiet: bool = False
@@ -140,8 +141,11 @@ def reference_model(checkpoint: Checkpoint, options: BuildOptions, steps: Steps)
     with steps.step("building the packed PyTorch model (fp32)"):
         model = checkpoint.build_model(torch.float32)
         encoder = PairEncoder.from_dir(checkpoint.path, options.max_length)
-        queries = options.parity_queries or default_parity_queries(checkpoint, options.target)
-        groups = builtin_parity_set(seed=0, queries=queries)
+        if options.parity_pairs:
+            groups = read_parity_file(options.parity_pairs)
+        else:
+            queries = options.parity_queries or default_parity_queries(checkpoint, options.target)
+            groups = builtin_parity_set(seed=0, queries=queries)
     try:
         run = reference_run(checkpoint, encoder, groups, device=device, steps=steps,
                             crossencoder=options.check_crossencoder, grid=validation_batches(encoder), model=model)
@@ -416,6 +420,19 @@ def build_tensorrt(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, 
 # --- the command ----------------------------------------------------------------------------------
 
 
+def failure_advice(report: ParityReport, options: BuildOptions) -> str:
+    """What a failed gate means: for fp32 and the GPU's bf16 a bug (the bound scales with what rounding
+    does to this checkpoint); for the CPU's int8 / bf16 a ranking changed beyond the rank gates, which
+    checkpoints with small score margins (random weights above all) do."""
+    if report.precision in ("int8", "bf16") and options.target.engine == "onnx":
+        return (f"{report.precision} moved this checkpoint's ranking beyond the rank gates. Random weights do that "
+                "(their scores have no margins: near-ties everywhere); a trained reranker on pairs like its traffic "
+                "usually does not. Gate on your own pairs with --parity-pairs FILE, or build --precision fp32 "
+                "(exact).")
+    return ("The bound already scales with what rounding does to this checkpoint, so a healthy checkpoint that "
+            "fails here is a bug: please report it with that parity.json.")
+
+
 def run_build(checkpoint_loader, options: BuildOptions, hooks: EngineHooks | None = None) -> int:
     """The whole command: returns the exit status (0 built, 1 parity failed; BuildError when refused)."""
     target = options.target
@@ -466,8 +483,7 @@ def run_build(checkpoint_loader, options: BuildOptions, hooks: EngineHooks | Non
         steps.done(f"parity FAILED: nothing at {options.out} was changed; the rejected build is in {rejected}")
         steps.console.print(
             f"Its parity.json holds the whole report. To see it on your own pairs: ettin-export verify {rejected} "
-            "--allow-unverified --pairs YOUR_PAIRS.jsonl. The bound already scales with what rounding does to this checkpoint, so a "
-            "healthy checkpoint that fails here is a bug: please report it with that parity.json."
+            "--allow-unverified --pairs YOUR_PAIRS.jsonl. " + failure_advice(report, options)
         )
         return 1
     staging.publish()

@@ -1,5 +1,5 @@
 """One runtime contract (ettin_runtime.reranker), the same assertions (tests/contract.py) on every local
-backend this machine can run: ONNX Runtime on an artifact, the packed PyTorch model on the checkpoint,
+backend this machine can run: ONNX Runtime and OpenVINO on an artifact, the packed PyTorch model on the checkpoint,
 and TensorRTReranker over a stand-in engine session (ONNX Runtime runs the graph inside it: this checks
 the TensorRT runtime's side of the contract — profile limits, order, close — not TensorRT). The Triton
 client runs the same assertions against a real server in tests/test_deploy.py."""
@@ -40,6 +40,9 @@ class OnnxEngineSession:
 def _open(kind: str, tiny_artifact, tiny_checkpoint):
     if kind == "onnxruntime":
         return Reranker.load(tiny_artifact)
+    if kind == "openvino":
+        pytest.importorskip("openvino", reason="pip install 'ettin-export[openvino]'")
+        return Reranker.load(tiny_artifact, runtime="openvino")  # the same fp32 graph, read by OpenVINO
     if kind == "torch":
         from ettin_export.model.torch_reranker import TorchReranker
 
@@ -59,7 +62,7 @@ def expected(tiny_artifact):
         return pairs, reference.predict(pairs)
 
 
-@pytest.mark.parametrize("kind", ["onnxruntime", "torch", "tensorrt (stand-in engine session)"])
+@pytest.mark.parametrize("kind", ["onnxruntime", "openvino", "torch", "tensorrt (stand-in engine session)"])
 def test_every_local_backend_keeps_the_contract(kind, tiny_artifact, tiny_checkpoint, expected):
     pairs, scores = expected
     reranker = _open(kind, tiny_artifact, tiny_checkpoint)

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parity-queries", type=int,
                         help="queries (30-100 documents each) in the built-in parity set (default 10; 2 for models "
                              "above hidden size 512 on the CPU target)")
+    parser.add_argument("--parity-pairs", metavar="FILE",
+                        help='gate on your own pairs: JSON lines {"query", "document"}, grouped by query (30+ '
+                             "documents per query make the ranking bounds meaningful); default: the built-in set")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -48,7 +51,7 @@ def run(args) -> int:
         out=Path(args.out) if args.out else default_out(args, target), target=target, max_length=args.max_length,
         max_batch_pairs=args.max_batch_size, max_batch_tokens=args.max_batch_tokens, force=args.force,
         onnx_only=args.onnx_only, check_crossencoder=not args.skip_crossencoder_check,
-        parity_queries=args.parity_queries, quiet=args.quiet, command_line=["ettin-export", *args.argv],
+        parity_queries=args.parity_queries, parity_pairs=args.parity_pairs, quiet=args.quiet, command_line=["ettin-export", *args.argv],
         precision=args.precision, runtime=args.runtime,
     )
     return run_build(lambda: open_checkpoint(args), options)

@@ -14,9 +14,24 @@ excluded by both names.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import onnx
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """The quantizer logs through the root logger ("Please consider to run pre-processing": shape
+    inference ONNX Runtime's tool would add, which this graph has from its exporter)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def linear_nodes(proto: onnx.ModelProto) -> list[str]:
@@ -34,12 +49,13 @@ def quantize_int8(source: Path, destination: Path) -> dict:
     linears = linear_nodes(proto)
     head = linears[-2:]
     del proto
-    quantize_dynamic(
-        str(source), str(destination), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-        weight_type=QuantType.QInt8, nodes_to_exclude=head + [f"{name}_MatMul" for name in head],
-        extra_options={"MatMulConstBOnly": True},
-        use_external_data_format=Path(str(source) + ".data").is_file(),
-    )
+    with _quiet_root_logger():
+        quantize_dynamic(
+            str(source), str(destination), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+            weight_type=QuantType.QInt8, nodes_to_exclude=head + [f"{name}_MatMul" for name in head],
+            extra_options={"MatMulConstBOnly": True},
+            use_external_data_format=Path(str(source) + ".data").is_file(),
+        )
     return {"quantized_linear_layers": len(linears) - len(head), "kept_fp32_linear_layers": head}
 
 

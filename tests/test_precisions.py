@@ -168,11 +168,17 @@ def test_verify_and_bench_open_reduced_artifacts(reduced, tiny_checkpoint, preci
     assert main(["verify", str(reduced[precision]), "--parity-queries", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["precision"] == precision and report["passed"]
+    # int8 against nothing; bf16 against OpenVINO's own bf16 on the padded export of the same modules
+    baseline = {"int8": "none", "bf16": "openvino-padded"}[precision]
     code = main(["bench", str(reduced[precision]), "--reference", str(tiny_checkpoint), "--pairs", "16", "--runs", "5",
-                 "--timing", "inside", "--baseline", "none", "--json", "--quiet"])
+                 "--timing", "inside", "--baseline", baseline, "--json", "--quiet"])
     assert code in (0, 4)  # 4: this shared machine was loaded; the figures are still there
     bench = json.loads(capsys.readouterr().out)
     assert bench["results"]["tokenization_inside"]["candidate"]["pairs_per_s"] > 0
+    if baseline == "openvino-padded":
+        described = bench["baseline"]
+        assert described["inference_precision"] == "bf16" and described["max_abs_diff_vs_crossencoder"] < 1.0
+        assert bench["scores_max_abs_diff"] < 1.0  # two bf16 computations of the same scores
 
 
 def test_a_wrong_head_scale_fails_the_int8_gate(tiny_checkpoint, tmp_path, relaxed_gates, monkeypatch, capsys):

@@ -42,7 +42,10 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser, allow_artifact=True)  # an artifact: its runtime; a checkpoint: the packed PyTorch model
     parser.add_argument("--reference", help="artifact only: the checkpoint CrossEncoder loads (default: the "
                         "manifest's source; random:<size> is the cached random checkpoint)")
-    parser.add_argument("--baseline", default="sentence-transformers", choices=["sentence-transformers", "none"])
+    parser.add_argument("--baseline", default="sentence-transformers", choices=["sentence-transformers", "openvino-padded", "none"],
+                        help="sentence-transformers: CrossEncoder (default); openvino-padded: OpenVINO at the "
+                             "artifact's precision on a padded ONNX export of the same modules (what optimum "
+                             "exports); none")
     parser.add_argument("--lengths", default="nq-like",
                         help="a length profile (nq-like, short, long; see ettin_export/synthetic/lengths.py) or a "
                         'JSON-lines file of {"query", "document"} pairs')
@@ -138,6 +141,12 @@ def open_setup(args) -> Setup:
     baseline = None
     if args.baseline == "sentence-transformers":
         baseline = CrossEncoderContender(reference, max_length, args.baseline_batch_size, args.device, args.dtype)
+    elif args.baseline == "openvino-padded":
+        from ettin_export.bench.openvino_padded import OpenVinoPaddedContender
+
+        if args.device not in (None, "cpu"):
+            raise UsageError("--baseline openvino-padded runs on the CPU.")
+        baseline = OpenVinoPaddedContender(reference, max_length, args.baseline_batch_size, precision)
     return Setup(candidate, baseline, model, max_length, reranker.encoder._tokenizer, precision)
 
 

@@ -120,7 +120,7 @@ def export_onnx(model: PackedReranker, out_path: str | Path, precision: str = "f
     example = _example_inputs(model.config.vocab_size)
     dims = {name: {0: torch.export.Dim(DIM_NAMES[name], min=1)} for name in INPUT_NAMES}
     dims[CU_SEQLENS] = {0: torch.export.Dim(DIM_NAMES[CU_SEQLENS], min=2)}
-    with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
+    with torch.inference_mode(False), torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(
             _GraphInterface(model).eval(), example, dynamo=True, input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES), dynamic_shapes=dims, opset_version=OPSET,
@@ -134,7 +134,7 @@ def export_onnx(model: PackedReranker, out_path: str | Path, precision: str = "f
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter():
     """The exporter logs and warns about things that do not concern this graph (torchvision ops,
     deprecations in its own dependencies); keep the user's terminal for our progress and errors."""
     logger = logging.getLogger("torch.onnx")

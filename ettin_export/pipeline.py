@@ -263,6 +263,18 @@ def time_runtimes(artifact: Artifact, candidates: list[str], pairs, steps: Steps
     return speeds
 
 
+def _with_runtime(artifact: Artifact, engine: Engine, runtime: str, recipe: dict, choice: dict) -> Artifact:
+    """The staged artifact naming `runtime`, with the recipe and how the runtime was chosen; written."""
+    record = {"recipe": recipe, "runtime_choice": {**choice, "chosen": runtime}}
+    if runtime == "openvino":
+        import openvino
+
+        record["openvino_version"] = openvino.__version__
+    artifact = artifact.replace(engine=dataclasses.replace(engine, runtime=runtime, record=record))
+    artifact.write()
+    return artifact
+
+
 def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, staging: StagedFolder) -> ParityReport:
     """The CPU artifact at the asked precision, written into `staging`; returns the parity report.
 
@@ -315,21 +327,28 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
     if len(candidates) > 1:
         choice.update(pairs_per_s=time_runtimes(artifact, candidates, run.pairs, steps), by="timed on this machine")
         candidates = sorted(candidates, key=lambda name: -choice["pairs_per_s"][name])
-    runtime_name = candidates[0]
-    choice["chosen"] = runtime_name
-    record = {"recipe": recipe, "runtime_choice": choice}
-    if runtime_name == "openvino":
-        import openvino
-
-        record["openvino_version"] = openvino.__version__
-    engine = dataclasses.replace(engine, runtime=runtime_name, record=record)
-    artifact = artifact.replace(engine=engine)
-    artifact.write()
-    with steps.step(f"parity on the built-in set ({len(run.pairs)} pairs, {len(run.groups)} queries, {runtime_name})"):
-        runtime = artifact.load(device="cpu")
-        report = run.judge(options.target, f"{runtime_name} {precision.name} (CPU)", runtime.predict(run.pairs),
-                           precision=precision.name)
-        runtime.close()
+    # The fastest runtime that passes the gate: runtimes round differently (OpenVINO's fp32 kernels sit
+    # closer to the fp32 bound than ONNX Runtime's at 150m), so each is judged, in order of speed; when
+    # none passes, the fastest one's report is the verdict.
+    verdicts: dict[str, str] = {}
+    judged = []
+    for runtime_name in candidates:
+        artifact = _with_runtime(artifact, engine, runtime_name, recipe, {**choice, "gate": dict(verdicts)})
+        with steps.step(f"parity on the {'given' if options.parity_pairs else 'built-in'} set ({len(run.pairs)} pairs, "
+                        f"{len(run.groups)} queries, {runtime_name})"):
+            runtime = artifact.load(device="cpu")
+            report = run.judge(options.target, f"{runtime_name} {precision.name} (CPU)", runtime.predict(run.pairs),
+                               precision=precision.name)
+            runtime.close()
+        verdicts[runtime_name] = "passed" if report.passed else "; ".join(report.failures)
+        judged.append((runtime_name, report))
+        if report.passed:
+            break
+        if runtime_name != candidates[-1]:
+            steps.note(f"{runtime_name} failed the gate ({verdicts[runtime_name]}); judging the next runtime")
+    if not report.passed:
+        runtime_name, report = judged[0]
+    artifact = _with_runtime(artifact, engine, runtime_name, recipe, {**choice, "gate": dict(verdicts)})
     finish_artifact(artifact, report)
     return report
 

@@ -90,7 +90,12 @@ CPU_PRECISIONS = {
         Precision("bf16", "bf16 matrix products (OpenVINO's bf16 inference precision on AVX512_BF16 / AMX)",
                   BF16_CPU_BOUNDS, ("openvino",),
                   (("method", "the fp32 graph under OpenVINO INFERENCE_PRECISION_HINT=bf16"),
-                   ("weights", "fp32 on disk, bf16 in compute"), ("kept_fp32", "the score output"))),
+                   ("weights", "fp32 on disk, bf16 in compute"),
+                   # What OpenVINO 2026.4's CPU plugin runs (the compiled model's runtimePrecision): it gives
+                   # no per-op fp32 override for bf16 (rt_info disable_fp16_compression has no effect there).
+                   ("bf16", "matrix products, LayerNorm (MVN: fp32 accumulation inside), rotary, the attention "
+                            "subgraph (softmax accumulates in fp32 inside)"),
+                   ("kept_fp32", "the score output"))),
     )
 }
 

@@ -236,3 +236,23 @@ def test_build_gates_on_the_users_own_pairs(tiny_checkpoint, tmp_path):
                   parity_queries=None) == 0
     metrics = json.loads((out / "parity.json").read_text())["metrics"]
     assert metrics["pairs"] == 93 and metrics["queries"] == 3
+
+
+def test_the_fastest_runtime_that_passes_the_gate_is_chosen(tiny_checkpoint, tmp_path, monkeypatch):
+    """Runtimes round differently: a faster one beyond the fp32 bound gives way to the next."""
+    from ettin_export import pipeline
+    from ettin_runtime import Artifact
+    from ettin_runtime.backends.openvino import OpenVinoReranker
+
+    monkeypatch.setattr(pipeline, "time_runtimes",
+                        lambda artifact, candidates, pairs, steps: {"openvino": 200.0, "onnxruntime": 100.0})
+    real = OpenVinoReranker._score
+    monkeypatch.setattr(OpenVinoReranker, "_score", lambda self, batch: real(self, batch) + np.float32(1e-3))
+    out = tmp_path / "chosen"
+    assert _build(tiny_checkpoint, out, "fp32") == 0
+    artifact = Artifact.open(out)
+    choice = artifact.engine.record["runtime_choice"]
+    assert artifact.engine.runtime == "onnxruntime" and choice["chosen"] == "onnxruntime"
+    assert choice["gate"]["onnxruntime"] == "passed" and choice["gate"]["openvino"].startswith("max |Δscore|")
+    assert choice["pairs_per_s"] == {"openvino": 200.0, "onnxruntime": 100.0}
+    assert "openvino_version" not in artifact.engine.record

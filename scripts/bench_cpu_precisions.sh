@@ -16,6 +16,7 @@ SIZES=${SIZES:-"17m 150m"}
 RESULTS=${RESULTS:-bench-results}
 BUILD=${BUILD:-1}
 BENCH=${BENCH:-1}
+PRECISIONS=${PRECISIONS:-"fp32 int8 bf16"}
 mkdir -p "$RESULTS"
 
 artifact_dir() {  # the published artifact, else the rejected build
@@ -24,7 +25,7 @@ artifact_dir() {  # the published artifact, else the rejected build
 }
 
 for size in $SIZES; do
-  for precision in fp32 int8 bf16; do
+  for precision in $PRECISIONS; do
     if [ "$BUILD" = 1 ]; then
       echo "== build $size $precision"
       ettin-export build --size "$size" --random-weights --target cpu --precision "$precision" --force --quiet

@@ -34,9 +34,12 @@ def main(argv=None) -> int:
     from ettin_export.synthetic.lengths import load_pairs
     from ettin_runtime import Reranker
 
-    reranker = Reranker.load(args.artifact)
-    if not hasattr(reranker, "session"):
-        print(f"{args.artifact}: not an ONNX Runtime artifact", file=sys.stderr)
+    from ettin_runtime.errors import EttinError
+
+    try:  # ONNX Runtime's profiler, whichever runtime the build chose for the artifact
+        reranker = Reranker.load(args.artifact, runtime="onnxruntime")
+    except EttinError as error:
+        print(f"{args.artifact}: ONNX Runtime cannot run it: {error}", file=sys.stderr)
         return 2
     tokenizer = Tokenizer.from_file(str(Path(args.artifact) / "tokenizer.json"))
     pairs, description = load_pairs(args.lengths, tokenizer, args.pairs)

@@ -738,3 +738,123 @@ def test_concurrent_load_is_batched_across_requests_and_nothing_is_lost(server, 
     # engine execution one request's pairs there would be at least one execution per request.
     assert engine["executions"] < len(workload), report
     assert reranker["executions"] < reranker["inferences"], report  # requests shared a front execute()
+
+
+# --------------------------------------------------------------------------------------------------
+# POST /v1/rerank: `ettin-export serve --triton` beside the server
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway(server, tmp_path_factory):
+    """The gateway as a user starts it: one command, gRPC to the server."""
+    from .gateway_client import start_gateway
+
+    with start_gateway(["--triton", server.grpc_url], tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
+        yield url
+
+
+def test_v1_rerank_scores_equal_the_local_runtime(gateway, local, artifact):
+    from .gateway_client import post
+
+    rng = np.random.default_rng(5)
+    query = make_texts(rng, 1, 2, 12)[0]
+    documents = make_texts(rng, 33) + ["", "x" * 3000, "café 日本語 🙂"]
+    raw = local.predict([(query, d) for d in documents])
+    assert raw.std() > 1.0
+    order = np.argsort(-raw, kind="stable")
+
+    status, body = post(gateway + "/v1/rerank", {"query": query, "documents": documents, "raw_scores": True})
+    assert status == 200 and body["model"] == Artifact.open(artifact).source.model, body
+    assert [r["index"] for r in body["results"]] == order.tolist()
+    np.testing.assert_allclose([r["relevance_score"] for r in body["results"]], raw[order], rtol=0, atol=TOLERANCE)
+    assert all("document" not in r for r in body["results"]) and len(body["id"]) == 32
+
+    # Default: sigmoid of the logit (float32), the top_n best, documents echoed as Cohere does.
+    status, body = post(gateway + "/v1/rerank", {"query": query, "documents": [{"text": d} for d in documents],
+                                                 "top_n": 7, "return_documents": True, "model": "anything"})
+    assert status == 200
+    sigmoid = local.predict([(query, d) for d in documents], activation="sigmoid")
+    assert [r["index"] for r in body["results"]] == order[:7].tolist()
+    np.testing.assert_allclose([r["relevance_score"] for r in body["results"]], sigmoid[order[:7]], rtol=0, atol=1e-6)
+    assert [r["document"]["text"] for r in body["results"]] == [documents[i] for i in order[:7]]
+
+    # TEI's own form: `texts`, a bare array of {index, score, text}.
+    status, ranks = post(gateway + "/rerank", {"query": query, "texts": documents[:5], "raw_scores": True,
+                                               "return_text": True})
+    assert status == 200 and isinstance(ranks, list)
+    expected = np.argsort(-raw[:5], kind="stable")
+    assert [r["index"] for r in ranks] == expected.tolist()
+    np.testing.assert_allclose([r["score"] for r in ranks], raw[:5][expected], rtol=0, atol=TOLERANCE)
+    assert [r["text"] for r in ranks] == [documents[i] for i in expected]
+
+
+BAD_BODIES = {
+    "not JSON": (b"{'query': 1", 400, "Validation", "not JSON"),
+    "not an object": ([1, 2], 422, "Validation", "JSON object"),
+    "no query": ({"documents": ["a"]}, 422, "Validation", "`query` is required"),
+    "query not a string": ({"query": 3, "documents": ["a"]}, 422, "Validation", "`query` must be a string"),
+    "no documents": ({"query": "q"}, 422, "Validation", "`documents` is required"),
+    "documents not a list": ({"query": "q", "documents": "a"}, 422, "Validation", "must be a list"),
+    "empty documents": ({"query": "q", "documents": []}, 400, "Empty", "cannot be empty"),
+    "a document not a string": ({"query": "q", "documents": ["a", 5]}, 422, "Validation", "`documents\\[1\\]`"),
+    "both lists": ({"query": "q", "documents": ["a"], "texts": ["a"]}, 422, "Validation", "not both"),
+    "too many documents": ({"query": "q", "documents": ["d"] * (MAX_DOCUMENTS + 1)}, 413, "Validation",
+                           f"maximum allowed batch size {MAX_DOCUMENTS}"),
+    "top_n zero": ({"query": "q", "documents": ["a"], "top_n": 0}, 422, "Validation", "`top_n`"),
+    "top_n not an integer": ({"query": "q", "documents": ["a"], "top_n": "3"}, 422, "Validation", "`top_n`"),
+    "raw_scores not a bool": ({"query": "q", "documents": ["a"], "raw_scores": "yes"}, 422, "Validation",
+                              "`raw_scores`"),
+    "truncate false": ({"query": "q", "documents": ["a"], "truncate": False}, 422, "Validation", "always truncated"),
+    "too large": ({"query": "q", "documents": ["x" * 2_100_000]}, 413, "Validation", "bytes"),
+}
+
+
+def test_v1_rerank_bad_requests_get_4xx_json_and_the_gateway_answers_afterwards(gateway, local):
+    from .gateway_client import post, request
+
+    for case, (body, status, error_type, message) in BAD_BODIES.items():
+        got_status, got = post(gateway + "/v1/rerank", body)
+        assert got_status == status and got["error_type"] == error_type, (case, got_status, got)
+        assert re.search(message, got["error"]), (case, got)
+    assert request(gateway + "/v1/rerank", method="GET")[0] == 405
+    assert request(gateway + "/v2/nothing", method="POST", data=b"{}")[0] == 404
+    # A document far beyond max_length is truncated, not refused; the answer is right.
+    documents = ["cats", "relevant passage about cats " * 3600, "dogs"]
+    status, body = post(gateway + "/v1/rerank", {"query": "cats", "documents": documents, "raw_scores": True})
+    expected = local.predict([("cats", d) for d in documents])
+    assert status == 200
+    np.testing.assert_allclose([r["relevance_score"] for r in sorted(body["results"], key=lambda r: r["index"])],
+                               expected, rtol=0, atol=TOLERANCE)
+    assert request(gateway + "/health")[0] == 200
+    status, info = request(gateway + "/info")
+    assert status == 200 and info["max_client_batch_size"] == MAX_DOCUMENTS and info["max_input_length"] == MAX_LENGTH
+
+
+def test_v1_rerank_under_concurrent_clients_loses_nothing(gateway, local):
+    from .gateway_client import post
+
+    rng = np.random.default_rng(6)
+    work = [(make_texts(rng, 1, 2, 8)[0], [f"{t} tag{n}d{i}" for i, t in enumerate(make_texts(rng, int(k), 1, 12))])
+            for n, k in enumerate(rng.integers(1, 20, size=48))]
+    answers, failures = {}, []
+
+    def client(first: int) -> None:
+        for number in range(first, len(work), 6):
+            query, documents = work[number]
+            status, body = post(gateway + "/v1/rerank", {"query": query, "documents": documents, "raw_scores": True})
+            if status != 200:
+                failures.append((number, status, body))
+            answers[number] = body
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures and sorted(answers) == list(range(len(work)))
+    for number, (query, documents) in enumerate(work):
+        expected = local.predict([(query, d) for d in documents])
+        got = sorted(answers[number]["results"], key=lambda r: r["index"])
+        assert [r["index"] for r in got] == list(range(len(documents)))
+        np.testing.assert_allclose([r["relevance_score"] for r in got], expected, rtol=0, atol=TOLERANCE)

@@ -54,7 +54,8 @@ class ServingOptions:
     min_seconds: float = 1.0
     max_retries: int = 10
     seed: int = 0
-    reranker_instances: int = 2
+    reranker_instances: int | None = None  # the deployment's default
+    max_batch_tokens: int | None = None  # the front's budget per engine request (default: the deployment's)
     systems: tuple[str, ...] = SYSTEMS
 
 
@@ -80,6 +81,23 @@ def _process_cpu_seconds(pids) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
     return total
+
+
+def _processes_by_model(server_pid: int, descendants) -> dict[str, list[int]]:
+    """{model name: its stub pids, "tritonserver": [the server]}: a python-backend stub's command line
+    names its model file, <repository>/<model>/<version>/model.py."""
+    models: dict[str, list[int]] = {"tritonserver": [server_pid]}
+    for pid in descendants:
+        with contextlib.suppress(OSError, IndexError):
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            model_file = Path(arguments[1].decode())
+            if model_file.name == "model.py":
+                models.setdefault(model_file.parent.parent.name, []).append(pid)
+    return models
+
+
+def _cpu_by_model(models: dict[str, list[int]]) -> dict[str, float]:
+    return {name: _process_cpu_seconds(pids) for name, pids in models.items()}
 
 
 class _Probe:
@@ -227,8 +245,11 @@ def run_serving_bench(options: ServingOptions, log) -> dict:
     loadavg_before = _loadavg()
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ettin-bench-serving-")))
-        deployed = deploy_triton(artifact.root, DeployOptions(work / "repo", reranker_instances=options.reranker_instances,
-                                                              null_engine=True, allow_random_weights=True))
+        deploy_options = DeployOptions(work / "repo", max_batch_tokens=options.max_batch_tokens, null_engine=True,
+                                       allow_random_weights=True)
+        if options.reranker_instances is not None:
+            deploy_options.reranker_instances = options.reranker_instances
+        deployed = deploy_triton(artifact.root, deploy_options)
         needs_server = {"triton-grpc", "v1-rerank", "front-null"} & set(options.systems)
         server = gateway_pid = None
         if needs_server:
@@ -249,7 +270,13 @@ def run_serving_bench(options: ServingOptions, log) -> dict:
             elif name == "v1-rerank":
                 gateway_pid, port = _start_gateway(stack, server, work, log)
                 systems.append(System(name, _gateway_scorer(port)))
-        ours = ([server.pid, *harness._descendants(server.pid)] if server else []) + ([gateway_pid] if gateway_pid else [])
+        stubs = list(harness._descendants(server.pid)) if server else []
+        ours = ([server.pid, *stubs] if server else []) + ([gateway_pid] if gateway_pid else [])
+        models = _processes_by_model(server.pid, stubs) if server else {}
+        if gateway_pid:
+            models["gateway"] = [gateway_pid]
+        cpu_spent: dict[str, dict[str, float]] = {s.name: {} for s in systems}  # system -> process -> CPU s
+        cpu_passes: dict[str, int] = {s.name: 0 for s in systems}
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="client"))
 
         log("warm-up: one untimed pass each")
@@ -275,10 +302,14 @@ def run_serving_bench(options: ServingOptions, log) -> dict:
             order = systems if round_index % 2 == 0 else systems[::-1]
             seconds, busiest = {}, 0.0
             for system in order:
-                probe = _Probe(ours)
+                probe, cpu_before = _Probe(ours), _cpu_by_model(models)
                 for _ in range(system.repeats):
                     _pass(system, requests, pool, options.concurrency)
                 wall, others = probe.stop()
+                for name, seconds_after in _cpu_by_model(models).items():
+                    spent = cpu_spent[system.name]
+                    spent[name] = spent.get(name, 0.0) + seconds_after - cpu_before[name]
+                cpu_passes[system.name] += system.repeats
                 seconds[system.name] = wall / system.repeats
                 busiest = max(busiest, others or 0.0)
                 null_passes += system.repeats if system.name == "front-null" else 0
@@ -302,7 +333,7 @@ def run_serving_bench(options: ServingOptions, log) -> dict:
                   "workload": {"requests": len(requests), "documents_per_request": options.documents,
                                "pairs": pair_count, "lengths": description, "mean_pair_tokens": float(np.mean(lengths)),
                                "concurrency": options.concurrency, "runs": options.runs, "seed": options.seed},
-                  "deployment": {"reranker_instances": options.reranker_instances, "engine": deployed.engine_backend,
+                  "deployment": {"reranker_instances": deploy_options.reranker_instances, "engine": deployed.engine_backend,
                                  "max_batch_tokens": deployed.budget.max_tokens,
                                  "max_batch_pairs": deployed.budget.max_pairs},
                   "systems": {}, "max_abs_diff_vs_in_process": differences}
@@ -314,12 +345,22 @@ def run_serving_bench(options: ServingOptions, log) -> dict:
             if base is not None and system is not base:
                 entry["ratio_vs_in_process"] = statistics.median(base.seconds) / median
             report["systems"][system.name] = entry
+        for system in systems:
+            if cpu_passes[system.name] and cpu_spent[system.name] and system.name in ("triton-grpc", "v1-rerank",
+                                                                                       "front-null"):
+                pairs = cpu_passes[system.name] * pair_count
+                report["systems"][system.name]["server_cpu_us_per_pair"] = {
+                    name: round(seconds / pairs * 1e6, 1) for name, seconds in cpu_spent[system.name].items()
+                    if seconds > 0}
         if null_before is not None and null_passes:
             after = _front_stats(server, deployed.null_reranker_model)
             pairs = null_passes * pair_count
             busy_us = (after["busy_ns"] - null_before["busy_ns"]) / 1e3 / pairs
+            front_cpu = report["systems"]["front-null"].get("server_cpu_us_per_pair", {}).get(
+                deployed.null_reranker_model)
             report["front_alone"] = {
-                "busy_us_per_pair": busy_us, "pairs_per_s_per_instance": 1e6 / busy_us,
+                "busy_us_per_pair": busy_us, "cpu_us_per_pair": front_cpu,
+                "pairs_per_s_per_instance": 1e6 / front_cpu if front_cpu else None,
                 "requests_per_execution": (after["requests"] - null_before["requests"])
                 / max(1, after["executions"] - null_before["executions"]),
                 "tokenize_us_per_pair": _tokenize_cost(local, requests)}
@@ -337,13 +378,22 @@ def run_serving_bench(options: ServingOptions, log) -> dict:
 
 
 def _tokenize_cost(local, requests) -> float:
-    """µs per pair of the front's tokenizer call (one encode_batch over all pairs), best of 3, here."""
+    """CPU µs per pair of the front's tokenizer call (one single-threaded encode_batch over all pairs, as
+    each front instance runs it), best of 3, in this process."""
     pairs = [(q, d) for q, documents in requests for d in documents]
-    best = math.inf
-    for _ in range(3):
-        started = time.perf_counter()
-        local.encoder.encode(pairs)
-        best = min(best, time.perf_counter() - started)
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by tokenizers at every call
+    try:
+        best = math.inf
+        for _ in range(3):
+            started = time.process_time()
+            local.encoder.encode(pairs)
+            best = min(best, time.process_time() - started)
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
     return best / len(pairs) * 1e6
 
 
@@ -385,6 +435,7 @@ def _start_gateway(stack, server, work: Path, log) -> tuple[int, int]:
 
 def format_report(report: dict) -> str:
     machine, work = report["machine"], report["workload"]
+    deployment = report["deployment"]
     lines = [
         f"ettin-export bench-serving: {report['model']}{' (random weights)' if report['random_weights'] else ''}, "
         f"max_length {report['max_length']}",
@@ -395,6 +446,8 @@ def format_report(report: dict) -> str:
         f"  workload  {work['requests']} requests x {work['documents_per_request']} documents = {work['pairs']} pairs, "
         f"{work['lengths'].split(':')[0]}, mean {work['mean_pair_tokens']:.1f} tokens/pair; "
         f"{work['concurrency']} client threads; medians of {work['runs']} interleaved rounds",
+        f"  server    Triton, {deployment['reranker_instances']} front instance(s), engine {deployment['engine']}, "
+        f"packed batches of <= {deployment['max_batch_tokens']} tokens / {deployment['max_batch_pairs']} pairs",
         f"    {'system':<16}{'pairs/s':>10}{'us/pair':>10}{'vs in-process':>15}",
     ]
     for name, entry in report["systems"].items():
@@ -402,15 +455,21 @@ def format_report(report: dict) -> str:
         lines.append(f"    {name:<16}{entry['pairs_per_s']:>10.1f}{entry['us_per_pair']:>10.1f}{ratio:>15}")
     if report.get("front_alone"):
         front = report["front_alone"]
-        lines.append(f"  front alone (server statistics): {front['busy_us_per_pair']:.1f} us of instance time per pair = "
-                     f"{front['pairs_per_s_per_instance']:.0f} pairs/s per instance; tokenizing alone "
-                     f"{front['tokenize_us_per_pair']:.1f} us/pair; {front['requests_per_execution']:.1f} requests "
-                     "per execution")
+        if front["cpu_us_per_pair"]:
+            lines.append(f"  front alone: {front['cpu_us_per_pair']:.1f} us of CPU per pair in its instances = "
+                         f"{front['pairs_per_s_per_instance']:.0f} pairs/s per fully busy instance (one core); "
+                         f"tokenizing alone {front['tokenize_us_per_pair']:.1f} us of CPU per pair")
+        lines.append(f"  front alone (server statistics): {front['busy_us_per_pair']:.1f} us of instance wall time per "
+                     f"pair; {front['requests_per_execution']:.1f} requests per execution")
     if report.get("triton_server"):
         triton = report["triton_server"]
         lines.append(f"  triton server: front {triton['front_busy_us_per_pair']:.1f} us/pair (engine wait included), "
                      f"engine {triton['engine_busy_us_per_pair']:.1f} us/pair, "
                      f"{triton['engine_pairs_per_execution']:.1f} pairs per engine execution")
+    for name, entry in report["systems"].items():
+        if entry.get("server_cpu_us_per_pair"):
+            lines.append(f"  CPU us/pair by process, {name}: " + ", ".join(
+                f"{process} {value:.0f}" for process, value in sorted(entry["server_cpu_us_per_pair"].items())))
     if report["max_abs_diff_vs_in_process"]:
         lines.append("  scores: max |system - in-process| = " + ", ".join(
             f"{name} {value:.1e}" for name, value in report["max_abs_diff_vs_in_process"].items()))

@@ -25,8 +25,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--runs", type=int, default=defaults.runs, help="timed rounds (medians are reported)")
     parser.add_argument("--min-seconds", type=float, default=defaults.min_seconds,
                         help="a fast system repeats the requests until one timed pass lasts this long")
-    parser.add_argument("--reranker-instances", type=int, default=defaults.reranker_instances,
-                        help="front instances in the deployed repository")
+    parser.add_argument("--reranker-instances", type=int,
+                        help="front instances in the deployed repository (default: `deploy triton`'s)")
+    parser.add_argument("--max-batch-tokens", type=int,
+                        help="the front's tokens per engine request (default: `deploy triton`'s; e.g. a TensorRT "
+                        "profile's 16384 to measure the front as it runs on a GPU host)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -40,12 +43,13 @@ def run(args) -> int:
     from ettin_export.bench.serving import ServingOptions, format_report, run_serving_bench
     from ettin_export.errors import UsageError
 
-    for name in ("requests", "documents", "concurrency", "runs", "reranker_instances"):
-        if getattr(args, name) < 1:
+    for name in ("requests", "documents", "concurrency", "runs", "reranker_instances", "max_batch_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
     options = ServingOptions(artifact=Path(args.artifact), lengths=args.lengths, requests=args.requests,
                              documents=args.documents, concurrency=args.concurrency, runs=args.runs,
                              min_seconds=args.min_seconds, seed=args.seed, reranker_instances=args.reranker_instances,
+                             max_batch_tokens=args.max_batch_tokens,
                              systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()))
 
     def log(message: str) -> None:

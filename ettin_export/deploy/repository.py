@@ -294,6 +294,7 @@ def _write(staging: Path, artifact: Artifact, backend: EngineBackend, graph, bud
             "max_documents": options.max_documents,
             BUDGET_TOKENS: budget.max_tokens,
             BUDGET_PAIRS: budget.max_pairs,
+            "tokenizer_parallelism": "false",
             "score_activation": artifact.score_activation,
             "source_model": artifact.source.model or "",
             "random_weights": str(artifact.random_weights).lower(),

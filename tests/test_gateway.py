@@ -88,6 +88,19 @@ def test_concurrent_requests_share_one_predict_call(local):
     for (query, documents), got in zip(work, results):
         np.testing.assert_allclose(got, local.predict([(query, d) for d in documents]), rtol=0, atol=TOLERANCE)
 
+    # A call gathers at most PAIRS_PER_CALL pairs (a request larger than that goes alone).
+    import ettin_export.serving.gateway as gateway
+
+    counting.calls.clear()
+    original, gateway.PAIRS_PER_CALL = gateway.PAIRS_PER_CALL, 8
+    try:
+        again = asyncio.run(main())
+    finally:
+        gateway.PAIRS_PER_CALL = original
+    sizes = [len(d) for _, d in work]
+    assert all(call <= 8 for call in counting.calls) and sum(counting.calls) == sum(sizes), counting.calls
+    assert all(np.array_equal(a, b) for a, b in zip(again, results))
+
 
 def test_serve_refuses_random_weights_a_dead_server_and_two_sources(tiny_artifact, capsys):
     assert cli(["serve", "--artifact", str(tiny_artifact)]) == 2
@@ -99,3 +112,15 @@ def test_serve_refuses_random_weights_a_dead_server_and_two_sources(tiny_artifac
     with pytest.raises(SystemExit):
         cli(["serve", "--artifact", str(tiny_artifact), "--triton", "localhost:8001"])
     assert cli(["serve", "--artifact", str(tiny_artifact), "--max-documents", "0"]) == 2
+
+
+def test_the_serving_commands_import_nothing_heavy():
+    import subprocess
+    import sys
+
+    heavy = ("torch", "onnx", "onnxruntime", "google.protobuf", "tritonclient", "starlette", "uvicorn")
+    code = ("import sys, argparse, ettin_export.commands.serve as s, ettin_export.commands.bench_serving as b; "
+            "[m.add_arguments(argparse.ArgumentParser()) for m in (s, b)]; "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

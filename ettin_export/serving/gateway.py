@@ -38,6 +38,7 @@ from ettin_export.serving.rerank_api import (
     tei_response,
 )
 
+PAIRS_PER_CALL = 4096  # in-process: the most pairs one predict call gathers from waiting requests
 SERVE_INSTALL_HINT = "pip install 'ettin-export[serve]'  (starlette and uvicorn)"
 log = logging.getLogger("ettin_export.gateway")
 
@@ -174,7 +175,13 @@ class InProcessBackend:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
-            waiting, self._pending = self._pending, []
+            # Whatever arrived, up to PAIRS_PER_CALL pairs (at least one request): a burst of large requests
+            # does not become one huge call that every one of them waits for.
+            taken, count = 0, 0
+            while taken < len(self._pending) and (taken == 0 or count + len(self._pending[taken][0]) <= PAIRS_PER_CALL):
+                count += len(self._pending[taken][0])
+                taken += 1
+            waiting, self._pending = self._pending[:taken], self._pending[taken:]
             pairs = [pair for request_pairs, _ in waiting for pair in request_pairs]
             try:
                 scores = await loop.run_in_executor(self._executor, self.reranker.predict, pairs)

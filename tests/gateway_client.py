@@ -29,7 +29,8 @@ def request(url: str, *, method: str = "GET", data: bytes | None = None, timeout
 
 
 def post(url: str, body, timeout: float = 60.0):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+    """POST JSON; bytes go as they are, an iterator of bytes chunked (no Content-Length)."""
+    data = body if isinstance(body, bytes) or hasattr(body, "__next__") else json.dumps(body).encode("utf-8")
     return request(url, method="POST", data=data, timeout=timeout)
 
 

@@ -5,6 +5,7 @@ as a user starts it; the in-process batching of concurrent requests; the command
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 
@@ -54,6 +55,14 @@ def test_serve_artifact_answers_v1_rerank_with_the_runtimes_scores(tiny_artifact
         status, info = request(url + "/info")
         assert info["backend"] == "in-process" and info["max_client_batch_size"] == 30 and info["random_weights"]
         assert post(url + "/rerank", {"query": query, "texts": documents[:3]})[0] == 200  # still answering
+
+        # A body over --payload-limit (2 MB) is a 413 the client can read, sent whole (Content-Length) or
+        # chunked, even when it is far larger than the socket buffers (the gateway drains it, no broken pipe).
+        big = json.dumps({"query": query, "documents": ["x" * 1_000_000] * 10}).encode()
+        for body in (big, iter([big[i:i + 65536] for i in range(0, len(big), 65536)])):
+            status, refusal = post(url + "/v1/rerank", body)
+            assert (status, refusal["error_type"]) == (413, "Validation") and "2000000" in refusal["error"], refusal
+        assert post(url + "/v1/rerank", {"query": query, "documents": documents[:2]})[0] == 200
 
 
 def test_concurrent_requests_share_one_predict_call(local):

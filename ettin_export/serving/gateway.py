@@ -210,6 +210,9 @@ class InProcessBackend:
 # --------------------------------------------------------------------------------------------------
 
 
+DRAIN_FACTOR = 8  # an oversized body up to 8 x --payload-limit is read before its 413 (read_body)
+
+
 def create_app(backend, *, max_documents: int | None = None, payload_limit: int = DEFAULT_PAYLOAD_LIMIT,
                max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS, model_name: str | None = None):
     """The Starlette app. `max_documents` defaults to the backend's own limit (a Triton front's
@@ -229,15 +232,26 @@ def create_app(backend, *, max_documents: int | None = None, payload_limit: int 
         return JSONResponse(error.body(), status_code=error.status)
 
     async def read_body(request) -> bytes:
+        # A client that sends its whole body before it reads the answer (most do, unless they asked for
+        # `Expect: 100-continue`) gets a broken pipe, not the 413, when the server answers and closes while
+        # it still writes; so an oversized body is read and dropped first, up to DRAIN_FACTOR x the limit.
+        drain = request.headers.get("expect", "").lower() != "100-continue"
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > payload_limit:
+            if drain and int(declared) <= DRAIN_FACTOR * payload_limit:
+                async for _ in request.stream():
+                    pass
             raise ApiError(413, "Validation", f"the request body is {declared} bytes; at most {payload_limit}")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > payload_limit:
-                raise ApiError(413, "Validation", f"the request body is over {payload_limit} bytes")
+                if not drain or size > DRAIN_FACTOR * payload_limit:
+                    break
+                continue
             chunks.append(chunk)
+        if size > payload_limit:
+            raise ApiError(413, "Validation", f"the request body is over {payload_limit} bytes")
         return b"".join(chunks)
 
     async def rerank(request, respond):

@@ -141,7 +141,7 @@ def test_the_repository_is_self_contained(artifact, repository):
     assert marker["engine_model"] == f"{NAME}_ort" and marker["null_reranker_model"] == f"{NAME}_null"
     assert (marker["max_batch_tokens"], marker["max_batch_pairs"]) == (CPU_BATCH_TOKENS, ENGINE_BATCH)
     assert marker["server_args"] == []
-    assert marker["python_requirements"] == ["tokenizers>=0.20,<1", "onnxruntime>=1.17"]
+    assert marker["python_requirements"] == ["numpy<2", "tokenizers>=0.20,<1", "onnxruntime>=1.17"]
     assert marker["files"][f"{NAME}_ort/1/model.onnx"] == Artifact.open(artifact).files["model.onnx"]
 
 
@@ -243,7 +243,7 @@ def test_tensorrt_config_fits_the_engine_and_its_profile(tensorrt_artifact, tmp_
     # On the GPU the front packs up to the profile's maxima: every engine request fits the plan.
     assert (result.budget.max_tokens, result.budget.max_pairs) == (profile.max_tokens, profile.max_pairs)
     assert result.tensorrt_version == manifest.engine.tensorrt.tensorrt_version
-    assert result.python_requirements == ["tokenizers>=0.20,<1"]
+    assert result.python_requirements == ["numpy<2", "tokenizers>=0.20,<1"]
     assert sorted(str(p.relative_to(repo)) for p in (repo / f"{NAME}_trt").rglob("*") if p.is_file()) == [
         f"{NAME}_trt/1/model.sm90.plan", f"{NAME}_trt/config.pbtxt"]
     assert (repo / f"{NAME}_trt/1/model.sm90.plan").read_bytes() == (tensorrt_artifact / "model.plan").read_bytes()

@@ -15,10 +15,11 @@ from ettin_export.deploy.configs import DEFAULT_NAME, RERANKER_QUEUE_DELAY_US
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     targets = parser.add_subparsers(dest="deploy_target", required=True, metavar="TARGET")
     triton = targets.add_parser(
-        "triton", help="a Triton Inference Server model repository (reranker + ragged-batching engine model)",
-        description="Write a self-contained Triton model repository: a python-backend reranker model (query + "
-        "documents -> scores, top-n) that fans one request per pair out to a ragged, dynamically batched engine "
-        "model (TensorRT plan for a TensorRT artifact; ONNX Runtime for a CPU artifact).",
+        "triton", help="a Triton Inference Server model repository (the packing front + the engine model)",
+        description="Write a self-contained Triton model repository: a python-backend front (query + documents -> "
+        "scores, top-n) that tokenizes the pairs of every request in one execute() together and sends the engine "
+        "model packed batches (input_ids [T] + cu_seqlens [B+1], one batch per engine request): a TensorRT plan "
+        "for a TensorRT artifact, ONNX Runtime for a CPU artifact.",
     )
     triton.add_argument("artifact", help="an artifact folder written by `ettin-export build`")
     triton.add_argument("--repo", required=True, help="the model repository folder to write")
@@ -84,10 +85,20 @@ def run(args) -> int:
     requirements = " ".join(f"'{r}'" for r in result.python_requirements)
     print(f"Serve it; the python models need `pip install {requirements}` in the server's Python:", file=out)
     print(f"  tritonserver --model-repository={result.path.resolve()} {' '.join(result.server_args)}".rstrip(), file=out)
+    if result.engine_backend == "python":  # runs on the CPU-only server that ships on PyPI (nvidia-pytriton)
+        print(f"  or, without Docker on a CPU-only Linux box: python -m ettin_export.serving.triton_server start "
+              f"--repo {result.path} --http-port 8000 --grpc-port 8001 --state triton.json", file=out)
     for note in result.serving_notes:
         print(f"- {note}", file=out)
     for warning in result.warnings:
         print(f"WARNING: {warning}", file=sys.stderr)
-    print(f"Query it: TritonReranker('localhost:8000', '{result.reranker_model}').rank(query, documents), or serve "
-          "POST /v1/rerank beside it: ettin-export serve --triton localhost:8001", file=out)
+    # The ports are the server's, not ours: tritonserver's defaults are HTTP 8000 and gRPC 8001, and the
+    # harness above takes free ports unless given --http-port / --grpc-port (it prints the ones it took).
+    print("Query it on the server's ports (tritonserver's defaults: HTTP 8000, gRPC 8001; use yours if you set "
+          "others):", file=out)
+    print(f"  TritonReranker('localhost:8000', '{result.reranker_model}').rank(query, documents)   # HTTP port",
+          file=out)
+    model = "" if result.reranker_model == DEFAULT_NAME else f" --model {result.reranker_model}"
+    print(f"  ettin-export serve --triton localhost:8001{model}   # gRPC port; POST /v1/rerank on localhost:8080",
+          file=out)
     return 0

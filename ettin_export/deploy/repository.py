@@ -60,8 +60,10 @@ from ettin_export.deploy.schema import ConfigError, config_to_text, parse_config
 MARKER_NAME = "ettin-deploy.json"
 TOKENIZER_DIR = "tokenizer"
 PACKING_MODULE = "ettin_packing.py"
-# What the python models import besides numpy (the Triton container's Python has neither).
-PYTHON_REQUIREMENTS = {"reranker": ["tokenizers>=0.20,<1"], "python": ["onnxruntime>=1.17"]}
+# What the python models need in the server's Python (the Triton container's has neither tokenizers nor
+# onnxruntime). numpy<2: the 24.xx python backend (pybind11 2.10) silently corrupts tensors under numpy 2
+# (INT64 [1,2,3] arrives as [1,1,1]; python_backend PR #384 fixed it later).
+PYTHON_REQUIREMENTS = {"reranker": ["numpy<2", "tokenizers>=0.20,<1"], "python": ["onnxruntime>=1.17"]}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

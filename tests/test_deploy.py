@@ -1,7 +1,8 @@
 """`ettin-export deploy triton`: the generated repository, statically (schema, graph and profile checks,
 the TensorRT configuration against a bf16 ONNX export) and against a real Triton server on 127.0.0.1
-(python backend, from scripts/triton_server.py): scores over HTTP and gRPC equal the local ONNX Runtime
-runtime's, concurrent load is batched across requests with nothing lost, bad requests get 400s.
+(python backend, from scripts/triton_server.py): scores over HTTP, gRPC and the /v1/rerank gateway
+(`ettin-export serve --triton`) equal the local ONNX Runtime runtime's, concurrent load is batched
+across requests with nothing lost, bad requests get 4xx errors and the server answers afterwards.
 
 The server tests skip with the reason when the server env cannot be built; ETTIN_REQUIRE_TRITON=1 (CI)
 turns that skip into a failure.
@@ -37,10 +38,11 @@ from .tritonserver import harness, server_env_or_skip
 MAX_LENGTH = 128
 TRT_MAX_LENGTH = 200  # the TensorRT artifact's: the length the gate's own tests build at (tests/test_build_gate.py)
 ENGINE_BATCH = 64  # > the 40 documents of one load-test request: bigger batches prove cross-request batching
+CPU_BATCH_TOKENS = 2048  # the front's default on the CPU: onnxruntime.cpu_batch_tokens for a 64-wide model
 MAX_DOCUMENTS = 100
 QUEUE_DELAY_US = 1000
 NAME = "ettin_reranker"
-TOLERANCE = 1e-4
+TOLERANCE = 1e-5  # the same fp32 graph on the same machine; only the batch composition differs
 
 
 
@@ -71,7 +73,7 @@ def local(artifact):
 def repository(artifact, tmp_path_factory):
     repo = tmp_path_factory.mktemp("deploy-repo") / "models"
     status = cli(["deploy", "triton", str(artifact), "--repo", str(repo), "--allow-random-weights",
-                  "--max-documents", str(MAX_DOCUMENTS), "--queue-delay-us", str(QUEUE_DELAY_US)])
+                  "--max-documents", str(MAX_DOCUMENTS), "--queue-delay-us", str(QUEUE_DELAY_US), "--with-null-engine"])
     assert status == 0
     return repo
 
@@ -125,58 +127,68 @@ def test_the_repository_is_self_contained(artifact, repository):
     import ettin_runtime.packing
 
     files = sorted(str(p.relative_to(repository)) for p in repository.rglob("*") if p.is_file())
+    front = ["1/ettin_packing.py", "1/model.py", "1/tokenizer/tokenizer.json", "1/tokenizer/tokenizer_config.json",
+             "config.pbtxt"]
     assert files == [
-        "ettin-deploy.json",
-        f"{NAME}/1/ettin_packing.py", f"{NAME}/1/model.py",
-        f"{NAME}/1/tokenizer/tokenizer.json", f"{NAME}/1/tokenizer/tokenizer_config.json",
-        f"{NAME}/config.pbtxt",
+        "ettin-deploy.json", *(f"{NAME}/{f}" for f in front), *(f"{NAME}_null/{f}" for f in front),
+        f"{NAME}_null_engine/1/model.py", f"{NAME}_null_engine/config.pbtxt",
         f"{NAME}_ort/1/model.onnx", f"{NAME}_ort/1/model.py", f"{NAME}_ort/config.pbtxt",
     ]
     assert not [p for p in repository.rglob("*") if p.is_symlink()]
     assert (repository / NAME / "1" / "ettin_packing.py").read_text() == Path(ettin_runtime.packing.__file__).read_text()
     assert (repository / f"{NAME}_ort/1/model.onnx").read_bytes() == (artifact / "model.onnx").read_bytes()
     marker = json.loads((repository / "ettin-deploy.json").read_text())
-    assert marker["engine_model"] == f"{NAME}_ort" and marker["max_batch_size"] == ENGINE_BATCH
-    assert marker["server_args"] == [f"--backend-config=python,thread-pool-size={ENGINE_BATCH}"]
-    assert marker["python_requirements"] == ["tokenizers>=0.20,<1", "onnxruntime>=1.17"]
+    assert marker["engine_model"] == f"{NAME}_ort" and marker["null_reranker_model"] == f"{NAME}_null"
+    assert (marker["max_batch_tokens"], marker["max_batch_pairs"]) == (CPU_BATCH_TOKENS, ENGINE_BATCH)
+    assert marker["server_args"] == []
+    assert marker["python_requirements"] == ["numpy<2", "tokenizers>=0.20,<1", "onnxruntime>=1.17"]
     assert marker["files"][f"{NAME}_ort/1/model.onnx"] == Artifact.open(artifact).files["model.onnx"]
+
+
+def _packed_inputs(config) -> list:
+    return [(i.name, i.data_type, list(i.dims), i.allow_ragged_batch) for i in config.input]
+
+
+PACKED_INPUTS = [("input_ids", 8, [-1], False), ("cu_seqlens", 8, [-1], False)]  # TYPE_INT32
 
 
 def test_cpu_configs_parse_and_fit_the_onnx_graph(artifact, repository):
     engine = read_config(repository, f"{NAME}_ort")
-    assert engine.backend == "python" and engine.max_batch_size == ENGINE_BATCH
-    (ids,) = engine.input
-    assert (ids.name, ids.data_type, list(ids.dims), ids.allow_ragged_batch) == ("input_ids", 8, [-1], True)
-    assert not engine.batch_input  # the python backend gets none: its model.py builds cu_seqlens
-    assert [(o.name, list(o.dims)) for o in engine.output] == [("scores", [1])]
-    assert engine.dynamic_batching.max_queue_delay_microseconds == QUEUE_DELAY_US
-    check_engine_config(engine, signature_from_onnx(artifact / "model.onnx"), artifact=Artifact.open(artifact),
-                        builds_offsets=True)
+    # One packed batch per request, passed through unmerged: the front batches, Triton does not.
+    assert engine.backend == "python" and engine.max_batch_size == 0 and not engine.HasField("dynamic_batching")
+    assert _packed_inputs(engine) == PACKED_INPUTS and not engine.batch_input
+    assert [(o.name, list(o.dims)) for o in engine.output] == [("scores", [-1, 1])]
+    engine_parameters = {k: v.string_value for k, v in engine.parameters.items()}
+    assert (engine_parameters["max_batch_tokens"], engine_parameters["max_batch_pairs"]) == ("16384", str(ENGINE_BATCH))
+    check_engine_config(engine, signature_from_onnx(artifact / "model.onnx"))
 
     reranker = read_config(repository, NAME)
-    assert reranker.backend == "python" and reranker.max_batch_size > 0
+    assert reranker.backend == "python" and reranker.max_batch_size > 1  # requests share an execute()
+    assert reranker.dynamic_batching.max_queue_delay_microseconds == QUEUE_DELAY_US
     assert [(i.name, list(i.dims), i.optional) for i in reranker.input] == [
         ("query", [1], False), ("documents", [-1], False), ("top_n", [1], True)]
     assert [(o.name, o.data_type, list(o.dims)) for o in reranker.output] == [
         ("scores", 11, [-1]), ("top_indices", 8, [-1])]
     parameters = {k: v.string_value for k, v in reranker.parameters.items()}
     assert parameters["engine_model"] == f"{NAME}_ort" and parameters["max_length"] == str(MAX_LENGTH)
+    assert (parameters["max_batch_tokens"], parameters["max_batch_pairs"]) == (str(CPU_BATCH_TOKENS), str(ENGINE_BATCH))
+    null = {k: v.string_value for k, v in read_config(repository, f"{NAME}_null").parameters.items()}
+    assert null == {**parameters, "engine_model": f"{NAME}_null_engine"}  # the same front, another engine
+    null_engine = read_config(repository, f"{NAME}_null_engine")
+    assert _packed_inputs(null_engine) == PACKED_INPUTS and null_engine.max_batch_size == 0
 
 
-def test_onnxruntime_backend_variant_uses_batch_inputs(artifact, tmp_path):
+def test_onnxruntime_backend_variant_takes_packed_batches(artifact, tmp_path):
     result = deploy_triton(artifact, DeployOptions(tmp_path / "repo", name="rr", instances=3, cpu_backend="onnxruntime",
                                                    allow_random_weights=True))
-    assert result.engine_model == "rr_onnx"
+    assert result.engine_model == "rr_onnx" and result.null_reranker_model is None
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["ettin-deploy.json", "rr", "rr_onnx"]
     assert sorted(p.name for p in (tmp_path / "repo" / "rr_onnx" / "1").iterdir()) == ["model.onnx"]
     config = read_config(tmp_path / "repo", "rr_onnx")
     assert config.backend == "onnxruntime" and config.default_model_filename == "model.onnx"
-    (batch_input,) = config.batch_input
-    assert (list(batch_input.target_name), list(batch_input.source_input)) == (["cu_seqlens"], ["input_ids"])
-    assert batch_input.kind == 2 and batch_input.data_type == 8  # ACCUMULATED_ELEMENT_COUNT_WITH_ZERO, INT32
+    assert config.max_batch_size == 0 and _packed_inputs(config) == PACKED_INPUTS and not config.batch_input
     assert config.instance_group[0].count == 3 and config.instance_group[0].kind == 2  # KIND_CPU
-    check_engine_config(config, signature_from_onnx(artifact / "model.onnx"), artifact=Artifact.open(artifact),
-                        builds_offsets=False)
+    check_engine_config(config, signature_from_onnx(artifact / "model.onnx"))
 
 
 def test_an_existing_repository_is_replaced_only_with_force(artifact, tmp_path):
@@ -196,12 +208,20 @@ def test_an_existing_repository_is_replaced_only_with_force(artifact, tmp_path):
     assert not list(tmp_path.glob(".*deploying*"))
 
 
-def test_engine_batch_size_is_refused_beyond_the_token_budget(artifact, tmp_path):
-    # max_batch_tokens 16384 / max_length 128 = 128 pairs, but the artifact's max_batch_pairs is 64
-    with pytest.raises(DeployError, match="max_batch_pairs is 64"):
-        deploy_triton(artifact, DeployOptions(tmp_path / "r", max_batch_size=65, allow_random_weights=True))
-    assert deploy_triton(artifact, DeployOptions(tmp_path / "r", max_batch_size=8,
-                                                 allow_random_weights=True)).max_batch_size == 8
+def test_the_fronts_budget_is_refused_beyond_the_engines_limits(artifact, tmp_path):
+    # The artifact's engine takes at most 64 pairs and 16384 tokens per run; max_length is 128.
+    for options, message in (({"max_batch_size": 65}, "max_batch_pairs is 64"),
+                             ({"max_batch_tokens": 16385}, "max_batch_tokens is 16384"),
+                             ({"max_batch_tokens": MAX_LENGTH - 1}, "below max_length 128"),
+                             ({"max_batch_size": 0}, "at least 1")):
+        with pytest.raises(DeployError, match=message):
+            deploy_triton(artifact, DeployOptions(tmp_path / "r", allow_random_weights=True, **options))
+        assert not (tmp_path / "r").exists()
+    budget = deploy_triton(artifact, DeployOptions(tmp_path / "r", max_batch_size=8, max_batch_tokens=4096,
+                                                   allow_random_weights=True)).budget
+    assert (budget.max_pairs, budget.max_tokens) == (8, 4096)
+    front = {k: v.string_value for k, v in read_config(tmp_path / "r", NAME).parameters.items()}
+    assert (front["max_batch_pairs"], front["max_batch_tokens"]) == ("8", "4096")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,28 +238,28 @@ def test_tensorrt_config_fits_the_engine_and_its_profile(tensorrt_artifact, tmp_
     assert graph.inputs["input_ids"].dtype == "int32" and graph.outputs["scores"].dtype == "float32"
     result = deploy_triton(tensorrt_artifact, DeployOptions(tmp_path / "repo", instances=2, allow_random_weights=True))
     repo = tmp_path / "repo"
-    assert result.engine_model == f"{NAME}_trt" and result.max_batch_size == ENGINE_BATCH
+    profile = manifest.limits.profile
+    assert result.engine_model == f"{NAME}_trt"
+    # On the GPU the front packs up to the profile's maxima: every engine request fits the plan.
+    assert (result.budget.max_tokens, result.budget.max_pairs) == (profile.max_tokens, profile.max_pairs)
     assert result.tensorrt_version == manifest.engine.tensorrt.tensorrt_version
-    assert result.python_requirements == ["tokenizers>=0.20,<1"]
+    assert result.python_requirements == ["numpy<2", "tokenizers>=0.20,<1"]
     assert sorted(str(p.relative_to(repo)) for p in (repo / f"{NAME}_trt").rglob("*") if p.is_file()) == [
         f"{NAME}_trt/1/model.sm90.plan", f"{NAME}_trt/config.pbtxt"]
     assert (repo / f"{NAME}_trt/1/model.sm90.plan").read_bytes() == (tensorrt_artifact / "model.plan").read_bytes()
     config = read_config(repo, f"{NAME}_trt")
     assert config.platform == "tensorrt_plan"
     assert dict(config.cc_model_filenames) == {"9.0": "model.sm90.plan"}
-    (ids,) = config.input
-    assert (ids.name, ids.data_type, list(ids.dims), ids.allow_ragged_batch) == ("input_ids", 8, [-1], True)
-    (batch_input,) = config.batch_input
-    assert batch_input.kind == 2 and list(batch_input.target_name) == ["cu_seqlens"]
-    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("scores", 11, [1])]
-    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    assert config.max_batch_size == 0 and _packed_inputs(config) == PACKED_INPUTS and not config.batch_input
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("scores", 11, [-1, 1])]
+    assert not config.HasField("dynamic_batching")
     assert config.instance_group[0].kind == 1 and config.instance_group[0].count == 2  # KIND_GPU
-    profile = manifest.limits.profile
-    assert profile.max_tokens >= config.max_batch_size * manifest.max_length
-    assert profile.max_pairs >= config.max_batch_size
-    check_engine_config(config, graph, artifact=manifest, builds_offsets=False)
-    reranker = read_config(repo, NAME)
-    assert reranker.parameters["engine_model"].string_value == f"{NAME}_trt"
+    check_engine_config(config, graph)
+    reranker = {k: v.string_value for k, v in read_config(repo, NAME).parameters.items()}
+    assert reranker["engine_model"] == f"{NAME}_trt"
+    assert (int(reranker["max_batch_tokens"]), int(reranker["max_batch_pairs"])) == (profile.max_tokens,
+                                                                                    profile.max_pairs)
+    assert profile.max_tokens >= manifest.max_length  # at least one full-length pair per run
 
 
 def _comment(text: str) -> str:
@@ -247,16 +267,17 @@ def _comment(text: str) -> str:
     return " ".join(line[1:].strip() for line in text.splitlines() if line.startswith("#"))
 
 
-def test_engine_configs_say_one_pair_per_request(tensorrt_artifact, artifact, tmp_path):
+def test_engine_configs_say_one_packed_batch_per_request(tensorrt_artifact, artifact, tmp_path):
     deploy_triton(tensorrt_artifact, DeployOptions(tmp_path / "trt", allow_random_weights=True))
     trt = _comment((tmp_path / "trt" / f"{NAME}_trt" / "config.pbtxt").read_text())
-    assert "exactly ONE (query, document) pair each, input_ids INT32 [1, L]" in trt
-    assert "cannot refuse a request of [k, L]" in trt and "Send [1, L] only" in trt
+    assert "ONE packed batch each" in trt and "cu_seqlens INT32 [B+1]" in trt and "max_batch_size is 0" in trt
+    assert "refuses a request whose shapes are outside the plan's optimization profile" in trt
+    assert "keep this model's endpoint internal" in trt
     version = Artifact.open(tensorrt_artifact).engine.tensorrt.tensorrt_version
     assert f"The plan loads only in TensorRT {version}" in trt and "nvcr.io/nvidia/tritonserver" in trt
     deploy_triton(artifact, DeployOptions(tmp_path / "ort", allow_random_weights=True))
     ort = _comment((tmp_path / "ort" / f"{NAME}_ort" / "config.pbtxt").read_text())
-    assert "input_ids INT32 [1, L]" in ort and "gets a 400" in ort and "TensorRT" not in ort
+    assert "ONE packed batch each" in ort and "gets a 400" in ort and "TensorRT" not in ort
 
 
 def test_deploy_says_which_container_and_driver_and_warns_on_leaking_releases(tensorrt_artifact, tmp_path, capsys):
@@ -275,25 +296,44 @@ def test_deploy_says_which_container_and_driver_and_warns_on_leaking_releases(te
 
 
 @pytest.mark.parametrize("profile, requested, message", [
-    ({"total_tokens": [1, 1024, 4096], "num_pairs_plus_1": [2, 17, 65]}, 64,
-     f"the profile's max_batch_tokens 4096 holds {4096 // TRT_MAX_LENGTH} pairs of max_length {TRT_MAX_LENGTH}"),
-    ({"total_tokens": [1, 2048, 8192], "num_pairs_plus_1": [2, 9, 17]}, 32, "the profile's max_batch_pairs is 16"),
-    ({"total_tokens": [1, 64, 100], "num_pairs_plus_1": [2, 2, 65]}, None, "cannot hold even one full-length pair"),
-    ({"total_tokens": [64, 1024, 8192], "num_pairs_plus_1": [2, 17, 65]}, None, "above a single shortest pair"),
-    ({"total_tokens": [1, 2048], "num_pairs_plus_1": [2, 17, 65]}, None, "expected \\[min, opt, max\\]"),
+    ({"total_tokens": [1, 1024, 4096], "num_pairs_plus_1": [2, 17, 65]}, {"max_batch_tokens": 4097},
+     "the profile's max_batch_tokens is 4096"),
+    ({"total_tokens": [1, 2048, 8192], "num_pairs_plus_1": [2, 9, 17]}, {"max_batch_size": 17},
+     "the profile's max_batch_pairs is 16"),
+    ({"total_tokens": [1, 64, 100], "num_pairs_plus_1": [2, 2, 65]}, {}, "cannot hold even one full-length pair"),
+    ({"total_tokens": [64, 1024, 8192], "num_pairs_plus_1": [2, 17, 65]}, {}, "above a single shortest pair"),
+    ({"total_tokens": [1, 1024, 8192], "num_pairs_plus_1": [3, 17, 65]}, {}, "above a single shortest pair"),
+    ({"total_tokens": [1, 2048], "num_pairs_plus_1": [2, 17, 65]}, {}, "expected \\[min, opt, max\\]"),
 ])
 def test_tensorrt_profile_violations_are_refused(tensorrt_artifact, tmp_path, profile, requested, message):
     artifact = copy_with(tensorrt_artifact, tmp_path, profile=profile)
     with pytest.raises(EttinError, match=message):  # DeployError, or ArtifactError for a malformed profile
-        deploy_triton(artifact, DeployOptions(tmp_path / "repo", max_batch_size=requested, allow_random_weights=True))
+        deploy_triton(artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True, **requested))
     assert not (tmp_path / "repo").exists()
 
 
-def test_tensorrt_derived_batch_size_fits_a_smaller_profile(tensorrt_artifact, tmp_path):
+def test_the_tensorrt_front_packs_up_to_a_smaller_profiles_maxima(tensorrt_artifact, tmp_path):
+    """Short pairs pack many to a run: the front's budget is the profile's tokens and pairs, not
+    pairs x max_length (which would cap this profile at 20 pairs of 200 tokens)."""
     artifact = copy_with(tensorrt_artifact, tmp_path,
                          profile={"total_tokens": [1, 1024, 4096 + 100], "num_pairs_plus_1": [2, 17, 65]})
-    result = deploy_triton(artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True))
-    assert result.max_batch_size == 4196 // TRT_MAX_LENGTH
+    budget = deploy_triton(artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True)).budget
+    assert (budget.max_tokens, budget.max_pairs) == (4196, 64)
+
+
+def test_the_budget_check_catches_a_front_beyond_the_profile(tensorrt_artifact):
+    from ettin_export.deploy.checks import check_budget
+
+    manifest = Artifact.open(tensorrt_artifact)
+    tokens, pairs = manifest.limits.profile.max_tokens, manifest.limits.profile.max_pairs
+    assert check_budget({"max_batch_tokens": str(tokens), "max_batch_pairs": str(pairs)}, manifest) == []
+    (problem,) = check_budget({"max_batch_tokens": str(tokens + 1), "max_batch_pairs": str(pairs)}, manifest)
+    assert f"up to {tokens + 1} tokens" in problem and f"the profile's max_batch_tokens {tokens}" in problem
+    (problem,) = check_budget({"max_batch_tokens": str(tokens), "max_batch_pairs": str(pairs + 1)}, manifest)
+    assert f"the profile's max_batch_pairs is {pairs}" in problem
+    (problem,) = check_budget({"max_batch_tokens": str(TRT_MAX_LENGTH - 1), "max_batch_pairs": "1"}, manifest)
+    assert f"max_length {TRT_MAX_LENGTH}" in problem
+    assert check_budget({"max_batch_pairs": "1"}, manifest)  # missing: a problem, not a pass
 
 
 def test_an_unfinished_onnx_only_artifact_is_refused_with_its_finish_command(artifact, tmp_path):
@@ -318,31 +358,37 @@ def _mutated(text: str, old: str, new: str):
 
 
 @pytest.mark.parametrize("old, new, message", [
-    ("data_type: TYPE_INT32\n  dims: -1", "data_type: TYPE_INT64\n  dims: -1", "TYPE_INT64 but the graph's is int32"),
-    ("allow_ragged_batch: true", "allow_ragged_batch: false", "allow_ragged_batch: true"),
-    ("kind: BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO", "kind: BATCH_ACCUMULATED_ELEMENT_COUNT", "cu_seqlens is"),
-    ('target_name: "cu_seqlens"', 'target_name: "offsets"', "'offsets' is not a graph input"),
-    ('source_input: "input_ids"', 'source_input: "ids"', "source_input ['ids'] is not among the inputs"),
-    ("dims: 1\n}", "dims: 2\n}", "output scores: dims [2]"),
-    ("max_batch_size: 64", "max_batch_size: 65", "more than the engine holds"),
+    ('name: "input_ids"\n  data_type: TYPE_INT32', 'name: "input_ids"\n  data_type: TYPE_INT64',
+     "TYPE_INT64 but the graph's is int32"),
+    ('name: "ettin_reranker_trt"\n', 'name: "ettin_reranker_trt"\nmax_batch_size: 8\n', "use max_batch_size 0"),
+    ('name: "ettin_reranker_trt"\n', 'name: "ettin_reranker_trt"\ndynamic_batching {\n}\n', "dynamic_batching is set"),
+    ('name: "cu_seqlens"', 'name: "offsets"', "'offsets' is not a graph input"),
+    ('name: "cu_seqlens"\n  data_type: TYPE_INT32\n  dims: -1\n',
+     'name: "cu_seqlens"\n  data_type: TYPE_INT32\n  dims: -1\n  allow_ragged_batch: true\n',
+     "allow_ragged_batch would concatenate requests"),
+    ('name: "cu_seqlens"\n  data_type: TYPE_INT32\n  dims: -1', 'name: "cu_seqlens"\n  data_type: TYPE_INT32\n  dims: 5',
+     "input cu_seqlens: dims [5]"),
+    ("dims: -1\n  dims: 1\n}", "dims: -1\n  dims: 2\n}", "output scores: dims [-1, 2]"),
+    ("dims: -1\n  dims: 1\n}", "dims: 1\n}", "output scores: dims [1]"),
     ("data_type: TYPE_FP32", "data_type: TYPE_BF16", "TYPE_BF16 but the graph's is float32"),
 ])
 def test_engine_cross_check_catches_config_mistakes(tensorrt_artifact, tmp_path, old, new, message):
     deploy_triton(tensorrt_artifact, DeployOptions(tmp_path / "repo", allow_random_weights=True))
     text = (tmp_path / "repo" / f"{NAME}_trt" / "config.pbtxt").read_text()
+    check_engine_config(parse_config(text, "as generated"), signature_from_artifact(Artifact.open(tensorrt_artifact)))
     config = _mutated(text, old, new)
     graph = signature_from_artifact(Artifact.open(tensorrt_artifact))
     with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace("]", "\\]")):
-        check_engine_config(config, graph, artifact=Artifact.open(tensorrt_artifact), builds_offsets=False)
+        check_engine_config(config, graph)
 
 
 @pytest.mark.parametrize("old, new, message", [
-    ("max_batch_size", "max_batch_sise", 'no field named "max_batch_sise"'),
+    ("max_batch_size: 32", "max_batch_sise: 32", 'no field named "max_batch_sise"'),
     ("TYPE_INT32", "TYPE_BFLOAT16", 'no value named TYPE_BFLOAT16'),
 ])
 def test_schema_rejects_typos(repository, old, new, message):
     with pytest.raises(ConfigError, match=message):
-        _mutated((repository / f"{NAME}_ort" / "config.pbtxt").read_text(), old, new)
+        _mutated((repository / NAME / "config.pbtxt").read_text(), old, new)
 
 
 def test_the_command_module_imports_nothing_heavy():
@@ -531,27 +577,41 @@ def test_client_reports_server_errors_with_their_status(server):
         TritonReranker(server.http_address, f"{NAME}_ort").close()
 
 
-@pytest.mark.parametrize("ids, message", [
-    (np.array([[1, 2], [3, 4]], np.int32), "one pair per request"),
-    (np.array([[1, 10**6]], np.int32), "token ids must be in"),
-    (np.ones((1, MAX_LENGTH + 1), np.int32), "expected 1 to max_length"),
+@pytest.mark.parametrize("ids, offsets, message", [
+    (np.array([1, 2, 3], np.int32), np.array([0, 2], np.int32), "end at T=3"),
+    (np.array([1, 2, 3], np.int32), np.array([0, 0, 3], np.int32), "rise by at least 1"),
+    (np.array([1, 2, 3], np.int32), np.array([1, 3], np.int32), "start at 0"),
+    (np.array([[1, 2], [3, 4]], np.int32), np.array([0, 4], np.int32), "Expected \\[-1\\], got \\[2,2\\]"),  # Triton's
+    (np.array([1, 10**6], np.int32), np.array([0, 2], np.int32), "token ids must be in"),
+    (np.ones(MAX_LENGTH + 1, np.int32), np.array([0, MAX_LENGTH + 1], np.int32), "expected 1 to max_length"),
+    (np.ones(16385, np.int32), np.arange(0, 16385 + 1, 16385 // 5, dtype=np.int32)[:6], "at most 64 pairs and 16384"),
+    (np.ones(65, np.int32), np.arange(66, dtype=np.int32), "at most 64 pairs"),
 ])
-def test_the_engine_model_refuses_what_it_cannot_run(server, ids, message):
+def test_the_engine_model_refuses_what_it_cannot_run(server, local, ids, offsets, message):
     from tritonclient.utils import InferenceServerException
 
     with pytest.raises(InferenceServerException, match=message) as failure:
-        _raw_infer(server, "http", f"{NAME}_ort", {"input_ids": (ids, "INT32")})
+        _raw_infer(server, "http", f"{NAME}_ort", {"input_ids": (ids, "INT32"), "cu_seqlens": (offsets, "INT32")})
     assert failure.value.status() == "400"
+    # ... and then runs a packed batch it can, with the local runtime's scores for the same pairs.
+    from ettin_runtime.packing import pack
+
+    pairs = [("q", "a short document"), ("another query", "x " * 400), ("q", "")]
+    batch = pack(local.encoder.encode(pairs))
+    result = _raw_infer(server, "http", f"{NAME}_ort", {"input_ids": (batch.input_ids, "INT32"),
+                                                        "cu_seqlens": (batch.cu_seqlens, "INT32")})
+    assert result.as_numpy("scores").shape == (3, 1)
+    np.testing.assert_allclose(result.as_numpy("scores")[:, 0], local.predict(pairs), rtol=0, atol=TOLERANCE)
 
 
 def test_single_pair_requests_share_engine_executions(server):
-    """16 one-document requests at once: fewer engine executions than requests means that some execution
-    held pairs of different requests (and of different reranker executions or instances)."""
+    """16 one-document requests at once. Each pair reaches the engine in exactly one execution, so fewer
+    engine executions than requests means that some execution held pairs of different requests."""
     import tritonclient.grpc as grpc
 
     client = grpc.InferenceServerClient(server.grpc_url, channel_args=harness.GRPC_LOOPBACK_CHANNEL_ARGS)
     done, results = threading.Semaphore(0), []
-    before = _model_stats(server, f"{NAME}_ort")
+    before, front_before = _model_stats(server, f"{NAME}_ort"), _model_stats(server, NAME)
     try:
         for number in range(16):
             inputs = []
@@ -565,8 +625,20 @@ def test_single_pair_requests_share_engine_executions(server):
     finally:
         client.close()
     assert results == [None] * 16
-    engine = _delta(_model_stats(server, f"{NAME}_ort"), before)
-    assert engine["inferences"] == 16 and engine["executions"] < 16, engine
+    engine, front = _delta(_model_stats(server, f"{NAME}_ort"), before), _delta(_model_stats(server, NAME), front_before)
+    assert front["inferences"] == front["success"] == 16 and front["executions"] < 16, front
+    assert engine["executions"] == engine["inferences"] < 16, engine  # one packed batch per engine request
+
+
+def test_the_null_front_answers_like_the_front_with_constant_scores(server):
+    from ettin_runtime.triton_client import TritonReranker
+
+    rng = np.random.default_rng(4)
+    documents = make_texts(rng, 37) + ["", "x" * 3000]
+    with TritonReranker(server.grpc_url, f"{NAME}_null", protocol="grpc") as null:
+        result = null.rerank("a query", documents, top_n=5)
+    assert result.scores.shape == (len(documents),) and not result.scores.any()
+    assert result.top_indices.tolist() == [0, 1, 2, 3, 4]  # ties: lower index first
 
 
 # --------------------------------------------------------------------------------------------------
@@ -660,9 +732,129 @@ def test_concurrent_load_is_batched_across_requests_and_nothing_is_lost(server, 
     report = {"requests": len(workload), "pairs": total_pairs, "seconds": round(seconds, 2),
               "pairs_per_second": round(total_pairs / seconds), "engine": engine, "reranker": reranker}
     print("load:", json.dumps(report))
-    assert engine["inferences"] == engine["success"] == total_pairs  # every pair executed exactly once
     assert reranker["inferences"] == reranker["success"] == len(workload)
-    # Pairs of different requests shared executions: were every execution one request's pairs, there would
-    # be at least one execution per request, and none larger than the largest request (40 pairs).
-    assert engine["executions"] < len(workload) or max(engine["batches"]) > MAX_DOCS_PER_REQUEST, report
-    assert reranker["executions"] < reranker["inferences"], report  # requests shared a reranker execute()
+    assert engine["inferences"] == engine["success"] == engine["executions"]  # one packed batch per request
+    # Every request's pairs reached the engine (each score checked above, tagged per request), so were every
+    # engine execution one request's pairs there would be at least one execution per request.
+    assert engine["executions"] < len(workload), report
+    assert reranker["executions"] < reranker["inferences"], report  # requests shared a front execute()
+
+
+# --------------------------------------------------------------------------------------------------
+# POST /v1/rerank: `ettin-export serve --triton` beside the server
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway(server, tmp_path_factory):
+    """The gateway as a user starts it: one command, gRPC to the server."""
+    from .gateway_client import start_gateway
+
+    with start_gateway(["--triton", server.grpc_url], tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
+        yield url
+
+
+def test_v1_rerank_scores_equal_the_local_runtime(gateway, local, artifact):
+    from .gateway_client import post
+
+    rng = np.random.default_rng(5)
+    query = make_texts(rng, 1, 2, 12)[0]
+    documents = make_texts(rng, 33) + ["", "x" * 3000, "café 日本語 🙂"]
+    raw = local.predict([(query, d) for d in documents])
+    assert raw.std() > 1.0
+    order = np.argsort(-raw, kind="stable")
+
+    status, body = post(gateway + "/v1/rerank", {"query": query, "documents": documents, "raw_scores": True})
+    assert status == 200 and body["model"] == Artifact.open(artifact).source.model, body
+    assert [r["index"] for r in body["results"]] == order.tolist()
+    np.testing.assert_allclose([r["relevance_score"] for r in body["results"]], raw[order], rtol=0, atol=TOLERANCE)
+    assert all("document" not in r for r in body["results"]) and len(body["id"]) == 32
+
+    # Default: sigmoid of the logit (float32), the top_n best, documents echoed as Cohere does.
+    status, body = post(gateway + "/v1/rerank", {"query": query, "documents": [{"text": d} for d in documents],
+                                                 "top_n": 7, "return_documents": True, "model": "anything"})
+    assert status == 200
+    sigmoid = local.predict([(query, d) for d in documents], activation="sigmoid")
+    assert [r["index"] for r in body["results"]] == order[:7].tolist()
+    np.testing.assert_allclose([r["relevance_score"] for r in body["results"]], sigmoid[order[:7]], rtol=0, atol=1e-6)
+    assert [r["document"]["text"] for r in body["results"]] == [documents[i] for i in order[:7]]
+
+    # TEI's own form: `texts`, a bare array of {index, score, text}.
+    status, ranks = post(gateway + "/rerank", {"query": query, "texts": documents[:5], "raw_scores": True,
+                                               "return_text": True})
+    assert status == 200 and isinstance(ranks, list)
+    expected = np.argsort(-raw[:5], kind="stable")
+    assert [r["index"] for r in ranks] == expected.tolist()
+    np.testing.assert_allclose([r["score"] for r in ranks], raw[:5][expected], rtol=0, atol=TOLERANCE)
+    assert [r["text"] for r in ranks] == [documents[i] for i in expected]
+
+
+BAD_BODIES = {
+    "not JSON": (b"{'query': 1", 400, "Validation", "not JSON"),
+    "not an object": ([1, 2], 422, "Validation", "JSON object"),
+    "no query": ({"documents": ["a"]}, 422, "Validation", "`query` is required"),
+    "query not a string": ({"query": 3, "documents": ["a"]}, 422, "Validation", "`query` must be a string"),
+    "no documents": ({"query": "q"}, 422, "Validation", "`documents` is required"),
+    "documents not a list": ({"query": "q", "documents": "a"}, 422, "Validation", "must be a list"),
+    "empty documents": ({"query": "q", "documents": []}, 400, "Empty", "cannot be empty"),
+    "a document not a string": ({"query": "q", "documents": ["a", 5]}, 422, "Validation", "`documents\\[1\\]`"),
+    "both lists": ({"query": "q", "documents": ["a"], "texts": ["a"]}, 422, "Validation", "not both"),
+    "too many documents": ({"query": "q", "documents": ["d"] * (MAX_DOCUMENTS + 1)}, 413, "Validation",
+                           f"maximum allowed batch size {MAX_DOCUMENTS}"),
+    "top_n zero": ({"query": "q", "documents": ["a"], "top_n": 0}, 422, "Validation", "`top_n`"),
+    "top_n not an integer": ({"query": "q", "documents": ["a"], "top_n": "3"}, 422, "Validation", "`top_n`"),
+    "raw_scores not a bool": ({"query": "q", "documents": ["a"], "raw_scores": "yes"}, 422, "Validation",
+                              "`raw_scores`"),
+    "truncate false": ({"query": "q", "documents": ["a"], "truncate": False}, 422, "Validation", "always truncated"),
+    "too large": ({"query": "q", "documents": ["x" * 2_100_000]}, 413, "Validation", "bytes"),
+}
+
+
+def test_v1_rerank_bad_requests_get_4xx_json_and_the_gateway_answers_afterwards(gateway, local):
+    from .gateway_client import post, request
+
+    for case, (body, status, error_type, message) in BAD_BODIES.items():
+        got_status, got = post(gateway + "/v1/rerank", body)
+        assert got_status == status and got["error_type"] == error_type, (case, got_status, got)
+        assert re.search(message, got["error"]), (case, got)
+    assert request(gateway + "/v1/rerank", method="GET")[0] == 405
+    assert request(gateway + "/v2/nothing", method="POST", data=b"{}")[0] == 404
+    # A document far beyond max_length is truncated, not refused; the answer is right.
+    documents = ["cats", "relevant passage about cats " * 3600, "dogs"]
+    status, body = post(gateway + "/v1/rerank", {"query": "cats", "documents": documents, "raw_scores": True})
+    expected = local.predict([("cats", d) for d in documents])
+    assert status == 200
+    np.testing.assert_allclose([r["relevance_score"] for r in sorted(body["results"], key=lambda r: r["index"])],
+                               expected, rtol=0, atol=TOLERANCE)
+    assert request(gateway + "/health")[0] == 200
+    status, info = request(gateway + "/info")
+    assert status == 200 and info["max_client_batch_size"] == MAX_DOCUMENTS and info["max_input_length"] == MAX_LENGTH
+
+
+def test_v1_rerank_under_concurrent_clients_loses_nothing(gateway, local):
+    from .gateway_client import post
+
+    rng = np.random.default_rng(6)
+    work = [(make_texts(rng, 1, 2, 8)[0], [f"{t} tag{n}d{i}" for i, t in enumerate(make_texts(rng, int(k), 1, 12))])
+            for n, k in enumerate(rng.integers(1, 20, size=48))]
+    answers, failures = {}, []
+
+    def client(first: int) -> None:
+        for number in range(first, len(work), 6):
+            query, documents = work[number]
+            status, body = post(gateway + "/v1/rerank", {"query": query, "documents": documents, "raw_scores": True})
+            if status != 200:
+                failures.append((number, status, body))
+            answers[number] = body
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures and sorted(answers) == list(range(len(work)))
+    for number, (query, documents) in enumerate(work):
+        expected = local.predict([(query, d) for d in documents])
+        got = sorted(answers[number]["results"], key=lambda r: r["index"])
+        assert [r["index"] for r in got] == list(range(len(documents)))
+        np.testing.assert_allclose([r["relevance_score"] for r in got], expected, rtol=0, atol=TOLERANCE)

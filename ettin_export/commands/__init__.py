@@ -8,6 +8,9 @@ COMMANDS = {
     "build": ("ettin_export.commands.build", "export a reranker to a parity-checked artifact folder"),
     "verify": ("ettin_export.commands.verify", "parity report of an artifact against its reference model"),
     "bench": ("ettin_export.commands.bench", "pairs/s of an artifact or model against the sentence-transformers baseline"),
+    "bench-serving": ("ettin_export.commands.bench_serving",
+                      "pairs/s of in-process, Triton gRPC, /v1/rerank and the front alone on the same requests"),
     "deploy": ("ettin_export.commands.deploy", "generate a Triton Inference Server model repository from an artifact"),
+    "serve": ("ettin_export.commands.serve", "the /v1/rerank HTTP API in front of a Triton server or an artifact"),
     "selftest": ("ettin_export.commands.selftest", "on a GPU with TensorRT: prove an engine end to end, one verdict"),
 }

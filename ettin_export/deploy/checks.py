@@ -1,7 +1,7 @@
 """What a generated configuration must agree with before it is written: the graph's own inputs, outputs
 and types (read from the .onnx file, or the manifest's record of them), and the engine's limits (the
-TensorRT profile must hold `max_batch_size` full-length pairs, because Triton batches by request count,
-not by tokens).
+front's packed batches must fit the TensorRT profile: at most its maximum tokens and pairs per run,
+and at least one full-length pair).
 
 Parsing against the ModelConfig schema (schema.py) checks syntax and types only; these are the
 project-side checks the schema cannot make.
@@ -24,10 +24,11 @@ TRITON_DTYPES = {
     "TYPE_BF16": "bfloat16", "TYPE_FP32": "float32", "TYPE_FP64": "float64", "TYPE_STRING": "bytes",
 }
 _ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 16: "bfloat16"}
-# The serving contract (ettin_runtime.artifact): the ragged token input and the offsets Triton derives from it.
-RAGGED_INPUT = INPUT_IDS
+# The serving contract (ettin_runtime.artifact): one packed batch per engine request, as the front sends it.
+TOKENS_INPUT = INPUT_IDS
 OFFSETS_INPUT = CU_SEQLENS
-OFFSETS_KIND = "BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO"
+# The front's own limits, in the reranker model's parameters.
+BUDGET_TOKENS, BUDGET_PAIRS = "max_batch_tokens", "max_batch_pairs"
 
 
 @dataclass(frozen=True)
@@ -83,54 +84,84 @@ def check_signature_matches_artifact(graph: GraphSignature, artifact: Artifact) 
 
 
 # --------------------------------------------------------------------------------------------------
-# Batch limits
+# Batch limits: what the front may put in one engine request
 # --------------------------------------------------------------------------------------------------
 
 
-def batch_limit(artifact: Artifact) -> tuple[int, str]:
-    """The most pairs per execution the engine holds when every pair is `max_length` tokens, and why:
-    at most max_batch_pairs, and max_batch_tokens // max_length (a TensorRT engine's are its profile's
-    maxima, so total_tokens max >= max_batch_size x max_length)."""
-    limits, length = artifact.limits, artifact.max_length
-    what = "the profile's" if limits.profile is not None else ""
-    caps = [
-        (limits.max_batch_pairs, f"{what} max_batch_pairs is {limits.max_batch_pairs}".strip()),
-        (limits.max_batch_tokens // length,
-         f"{what} max_batch_tokens {limits.max_batch_tokens} holds {limits.max_batch_tokens // length} pairs of "
-         f"max_length {length}".strip()),
-    ]
-    return min(caps, key=lambda cap: cap[0])  # ties: the first named explains best
+@dataclass(frozen=True)
+class BatchBudget:
+    """The most one engine request holds, as the front cuts batches (`plan_batches`)."""
+
+    max_tokens: int
+    max_pairs: int
 
 
-def choose_max_batch_size(artifact: Artifact, requested: int | None, min_pair_tokens: int) -> int:
-    """The engine model's `max_batch_size` (pairs per execution): `requested`, or the largest the engine
-    holds at full length (`batch_limit`). Refuses what the engine cannot run, including a profile whose
-    minimum is above one shortest pair (`min_pair_tokens`: the special tokens of an empty pair)."""
+def engine_limits(artifact: Artifact) -> tuple[BatchBudget, str]:
+    """What one run of the engine holds (a TensorRT engine's: its profile's maxima), and its name in messages."""
+    limits = artifact.limits
+    what = "the profile's" if limits.profile is not None else "the artifact's"
+    return BatchBudget(limits.max_batch_tokens, limits.max_batch_pairs), what
+
+
+def choose_batch_budget(artifact: Artifact, *, pairs: int | None, tokens: int | None, min_pair_tokens: int,
+                        default_tokens: int | None = None) -> BatchBudget:
+    """The front's budget per engine request: `pairs` / `tokens` when asked, else the engine's limits
+    (tokens: `default_tokens` when given, the CPU's best batch size, within the engine's). Refuses what the
+    engine cannot run: more than its profile's maxima, a profile that cannot hold one full-length pair, or
+    one whose minimum is above a single shortest pair (`min_pair_tokens`: the special tokens of an empty pair),
+    which would refuse a request of one short document."""
     profile = artifact.limits.profile
     if profile is not None and (profile.tokens[0] > min_pair_tokens or profile.pairs[0] > 1):
         raise DeployError(
             f"The engine profile's minimum ({profile.tokens[0]} tokens, {profile.pairs[0]} pairs) is above a single "
-            f"shortest pair ({min_pair_tokens} tokens): Triton would send batches the engine rejects. Rebuild the "
-            "engine with profile minimums of 1 token and 1 pair."
+            f"shortest pair ({min_pair_tokens} tokens): the engine would refuse a request of one short document. "
+            "Rebuild the engine with profile minimums of 1 token and 1 pair."
         )
-    limit, reason = batch_limit(artifact)
+    engine, what = engine_limits(artifact)
     length = artifact.max_length
-    if limit < 1:
+    if engine.max_tokens < length:
         raise DeployError(
-            f"The engine cannot hold even one full-length pair: {reason}. Rebuild it with a larger profile, or a "
-            "smaller --max-length."
+            f"The engine cannot hold even one full-length pair: {what} max_batch_tokens {engine.max_tokens} is below "
+            f"max_length {length}. Rebuild it with a larger profile, or a smaller --max-length."
         )
-    if requested is None:
-        return limit
-    if requested < 1:
-        raise DeployError(f"--max-batch-size must be at least 1, got {requested}.")
-    if requested > limit:
+    for value, flag in ((pairs, "--max-batch-size"), (tokens, "--max-batch-tokens")):
+        if value is not None and value < 1:
+            raise DeployError(f"{flag} must be at least 1, got {value}.")
+    if pairs is not None and pairs > engine.max_pairs:
         raise DeployError(
-            f"--max-batch-size {requested} is more than the engine holds at full length: {reason} "
-            f"(Triton batches by request count, so a batch of {requested} pairs may be {requested} x "
-            f"{length} tokens). Use --max-batch-size {limit} or less, or rebuild the engine with a larger profile."
+            f"--max-batch-size {pairs} pairs per engine request is more than the engine holds: {what} max_batch_pairs "
+            f"is {engine.max_pairs}. Use --max-batch-size {engine.max_pairs} or less, or rebuild the engine with a "
+            "larger profile."
         )
-    return requested
+    if tokens is not None and tokens > engine.max_tokens:
+        raise DeployError(
+            f"--max-batch-tokens {tokens} is more than the engine holds: {what} max_batch_tokens is "
+            f"{engine.max_tokens}. Use --max-batch-tokens {engine.max_tokens} or less, or rebuild the engine with a "
+            "larger profile."
+        )
+    if tokens is not None and tokens < length:
+        raise DeployError(f"--max-batch-tokens {tokens} is below max_length {length}: a full-length pair would not "
+                          f"fit in an engine request. Use at least {length}.")
+    if tokens is None:
+        tokens = engine.max_tokens if default_tokens is None else max(min(default_tokens, engine.max_tokens), length)
+    return BatchBudget(int(tokens), int(pairs if pairs is not None else engine.max_pairs))
+
+
+def check_budget(parameters: dict[str, str], artifact: Artifact) -> list[str]:
+    """The front's parameters against the engine's limits: what no engine request may exceed."""
+    engine, what = engine_limits(artifact)
+    problems = []
+    try:
+        budget = BatchBudget(int(parameters[BUDGET_TOKENS]), int(parameters[BUDGET_PAIRS]))
+    except (KeyError, ValueError):
+        return [f"the reranker model's parameters lack integer {BUDGET_TOKENS} / {BUDGET_PAIRS}"]
+    if not artifact.max_length <= budget.max_tokens <= engine.max_tokens:
+        problems.append(f"the front packs up to {budget.max_tokens} tokens per engine request; the engine takes "
+                        f"max_length {artifact.max_length} to {what} max_batch_tokens {engine.max_tokens}")
+    if not 1 <= budget.max_pairs <= engine.max_pairs:
+        problems.append(f"the front packs up to {budget.max_pairs} pairs per engine request; {what} max_batch_pairs "
+                        f"is {engine.max_pairs}")
+    return problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,30 +173,27 @@ def _dtype(value: int) -> str:
     return model_config_module().DataType.Name(value)
 
 
-def check_engine_config(config, graph: GraphSignature, *, artifact: Artifact, builds_offsets: bool) -> None:
-    """A parsed engine-model ModelConfig against the graph and the engine's limits.
+def _dims_fit(dims, shape) -> bool:
+    """Config dims (max_batch_size 0: the full shape) against a graph shape: a fixed graph dimension must be
+    the same number, a dynamic one (named, or "?") must be -1."""
+    return len(dims) == len(shape) and all(d == g if isinstance(g, int) else d == -1 for d, g in zip(dims, shape))
 
-    `builds_offsets`: the model computes cu_seqlens itself (the python backend gets no batch inputs);
-    otherwise a `batch_input` must produce it."""
-    module = model_config_module()
+
+def check_engine_config(config, graph: GraphSignature) -> None:
+    """A parsed engine-model ModelConfig against the graph: one packed batch per request, passed through
+    unbatched (max_batch_size 0), every graph input fed with its own dtype and rank, the outputs' full
+    shapes. (The sizes a request may have are the front's budget, `check_budget`.)"""
     problems: list[str] = []
     where = f"{config.name}/config.pbtxt"
 
-    if config.max_batch_size < 1:
-        problems.append("max_batch_size must be >= 1: pairs arrive one per request and are batched by Triton")
-    else:
-        try:
-            largest, reason = batch_limit(artifact)
-        except DeployError as error:
-            problems.append(str(error))
-        else:
-            if config.max_batch_size > largest:
-                problems.append(
-                    f"max_batch_size {config.max_batch_size} full-length pairs of {artifact.max_length} tokens is "
-                    f"more than the engine holds ({reason})"
-                )
-    if not config.HasField("dynamic_batching"):
-        problems.append("no dynamic_batching: pairs of different requests would never share an execution")
+    if config.max_batch_size != 0:
+        problems.append(
+            f"max_batch_size is {config.max_batch_size}; the engine takes one packed batch per request "
+            "(input_ids [T] + cu_seqlens [B+1]), which Triton must not merge: use max_batch_size 0")
+    if config.HasField("dynamic_batching"):
+        problems.append("dynamic_batching is set; the front batches (and Triton cannot batch with max_batch_size 0)")
+    if config.batch_input:
+        problems.append("batch_input is set; the front sends cu_seqlens itself")
 
     fed: set[str] = set()
     for tensor in config.input:
@@ -177,41 +205,13 @@ def check_engine_config(config, graph: GraphSignature, *, artifact: Artifact, bu
         triton_type = _dtype(tensor.data_type)
         if TRITON_DTYPES.get(triton_type) != spec.dtype:
             problems.append(f"input {tensor.name}: {triton_type} but the graph's is {spec.dtype}")
-        if tensor.name == RAGGED_INPUT:
-            if not tensor.allow_ragged_batch:
-                problems.append(f"input {tensor.name} must have allow_ragged_batch: true (pairs differ in length)")
-            if list(tensor.dims) != [-1] or len(spec.shape) != 1 or isinstance(spec.shape[0], int):
-                problems.append(
-                    f"input {tensor.name}: dims {list(tensor.dims)} against graph shape {list(spec.shape)}; a ragged "
-                    "input is dims [-1] over a dynamic 1-D graph input (Triton concatenates the requests)"
-                )
-        elif len(spec.shape) != len(tensor.dims) + 1:
-            problems.append(
-                f"input {tensor.name}: dims {list(tensor.dims)} + batch do not match graph shape {list(spec.shape)}")
-    sources = {t.name for t in config.input}
-    for batch_input in config.batch_input:
-        kind = module.BatchInput.Kind.Name(batch_input.kind)
-        for target in batch_input.target_name:
-            spec = graph.inputs.get(target)
-            if spec is None:
-                problems.append(f"batch_input target {target!r} is not a graph input")
-                continue
-            fed.add(target)
-            triton_type = _dtype(batch_input.data_type)
-            if TRITON_DTYPES.get(triton_type) != spec.dtype or len(spec.shape) != 1:
-                problems.append(f"batch_input {target}: {triton_type} for graph {spec.dtype} {list(spec.shape)}")
-            if target == OFFSETS_INPUT and kind != OFFSETS_KIND:
-                problems.append(f"batch_input {target} is {kind}; cu_seqlens is {OFFSETS_KIND} (0, len0, len0+len1, ...)")
-        missing_sources = [s for s in batch_input.source_input if s not in sources]
-        if missing_sources or not batch_input.source_input:
-            problems.append(
-                f"batch_input source_input {list(batch_input.source_input)} is not among the inputs {sorted(sources)}")
-    if builds_offsets:
-        if config.batch_input:
-            problems.append("a python-backend engine gets no batch inputs; it builds cu_seqlens itself")
-        fed.add(OFFSETS_INPUT)
-    elif not any(OFFSETS_INPUT in b.target_name for b in config.batch_input):
-        problems.append(f"no batch_input produces {OFFSETS_INPUT}")
+        if tensor.allow_ragged_batch:
+            problems.append(f"input {tensor.name}: allow_ragged_batch would concatenate requests; the front packs")
+        if not _dims_fit(tensor.dims, spec.shape):
+            problems.append(f"input {tensor.name}: dims {list(tensor.dims)} against graph shape {list(spec.shape)}")
+    for name in (TOKENS_INPUT, OFFSETS_INPUT):
+        if name in graph.inputs and name not in fed:
+            problems.append(f"no input {name}: the front sends it with every packed batch")
     unfed = sorted(set(graph.inputs) - fed)
     if unfed:
         problems.append(f"graph inputs {unfed} are fed by nothing")
@@ -224,17 +224,11 @@ def check_engine_config(config, graph: GraphSignature, *, artifact: Artifact, bu
         triton_type = _dtype(tensor.data_type)
         if TRITON_DTYPES.get(triton_type) != spec.dtype:
             problems.append(f"output {tensor.name}: {triton_type} but the graph's is {spec.dtype}")
-        inner = list(spec.shape[1:])
-        if len(inner) != len(tensor.dims) or any(
-            isinstance(g, int) and g != d for g, d in zip(inner, tensor.dims)
-        ):
-            problems.append(
-                f"output {tensor.name}: dims {list(tensor.dims)} (after the batch dimension) against graph shape "
-                f"{list(spec.shape)}"
-            )
+        if not _dims_fit(tensor.dims, spec.shape):
+            problems.append(f"output {tensor.name}: dims {list(tensor.dims)} against graph shape {list(spec.shape)}")
     if not config.output:
         problems.append("no outputs")
     if any(group.count < 1 for group in config.instance_group):
         problems.append("instance_group count must be >= 1")
     if problems:
-        raise ConfigError(f"{where} does not fit the graph ({graph.source}) or the engine: " + "; ".join(problems) + ".")
+        raise ConfigError(f"{where} does not fit the graph ({graph.source}): " + "; ".join(problems) + ".")

@@ -1,23 +1,31 @@
 """The generated Triton model configurations, as data (dicts in ModelConfig's protobuf field names).
 
-Two kinds of model:
-- an *engine* model: token ids of one pair per request in, one score per pair out. `input_ids` is
-  ragged, so the dynamic batcher concatenates pairs of any length, unpadded, into one execution;
-  `cu_seqlens` is derived from the request boundaries (`batch_input` for the TensorRT and ONNX Runtime
-  backends; the python backend gets no batch inputs, so its model builds it);
-- the *reranker* model (python backend, the entry point): query + documents (+ top_n) in, scores in
-  document order + top-n indices out. It tokenizes and fans one request per pair out to the engine.
+Three kinds of model:
+- the *reranker* model (python backend, the entry point and the front): query + documents (+ top_n)
+  in, scores in document order + top-n indices out. Triton's dynamic batcher hands one execute() the
+  requests that queued meanwhile; the front tokenizes all their pairs in one batched call, cuts them
+  into packed batches within the engine's limits (`ettin_runtime.packing.plan_batches`, longest first,
+  so pairs of different requests share batches) and sends each batch to the engine as ONE request;
+- an *engine* model: one packed batch per request, `input_ids` INT32 [T] (the pairs' tokens,
+  concatenated, unpadded) and `cu_seqlens` INT32 [B+1] (0, len0, len0+len1, ..., T), one score per pair
+  out, `scores` FP32 [B, 1]. `max_batch_size: 0`: Triton passes each request through as it is, so the
+  shapes a request may have are the engine's own limits (for a TensorRT plan, the optimization
+  profile's, which Triton's TensorRT backend enforces on every request);
+- a *null engine* (optional, `--with-null-engine`): the same interface, constant scores, no model. A
+  second front (`<name>_null`) calls it, so the front's own cost can be measured on its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ettin_export.deploy.checks import OFFSETS_INPUT, OFFSETS_KIND, RAGGED_INPUT
+from ettin_export.deploy.checks import OFFSETS_INPUT, TOKENS_INPUT
 
 DEFAULT_NAME = "ettin_reranker"
-# Requests the reranker takes in one execute(): all their pairs are fanned out together.
-RERANKER_MAX_BATCH_REQUESTS = 16
+NULL_SUFFIX = "_null"  # the null front is <name>_null, its engine <name>_null_engine
+NULL_ENGINE_SUFFIX = "_null_engine"
+# Requests the front takes in one execute(): all their pairs are tokenized and packed together.
+RERANKER_MAX_BATCH_REQUESTS = 32
 RERANKER_QUEUE_DELAY_US = 200
 
 
@@ -29,38 +37,46 @@ class EngineBackend:
     suffix: str  # engine model name = <name><suffix>
     fields: tuple[tuple[str, object], ...]  # backend / platform
     instance_kind: str
-    offsets_from_batch_input: bool  # else the model builds cu_seqlens itself
     description: str
 
 
 ENGINE_BACKENDS = {
     b.key: b
     for b in (
-        EngineBackend("tensorrt", "_trt", (("platform", "tensorrt_plan"),), "KIND_GPU", True,
-                      "TensorRT plan (tensorrt_plan platform), ragged input_ids, cu_seqlens from a batch input"),
-        EngineBackend("onnxruntime", "_onnx", (("backend", "onnxruntime"),), "KIND_CPU", True,
-                      "Triton's onnxruntime backend (a Triton container), ragged input_ids, cu_seqlens from a batch input"),
-        EngineBackend("python", "_ort", (("backend", "python"),), "KIND_CPU", False,
-                      "python backend running the ONNX file with ONNX Runtime; builds cu_seqlens itself"),
+        EngineBackend("tensorrt", "_trt", (("platform", "tensorrt_plan"),), "KIND_GPU",
+                      "TensorRT plan (tensorrt_plan platform), one packed batch per request"),
+        EngineBackend("onnxruntime", "_onnx", (("backend", "onnxruntime"),), "KIND_CPU",
+                      "Triton's onnxruntime backend (a Triton container), one packed batch per request"),
+        EngineBackend("python", "_ort", (("backend", "python"),), "KIND_CPU",
+                      "python backend running the ONNX file with ONNX Runtime, one packed batch per request"),
     )
 }
+NULL_ENGINE = EngineBackend("null", NULL_ENGINE_SUFFIX, (("backend", "python"),), "KIND_CPU",
+                            "python backend returning constant scores: the front's cost alone")
 
 
-# What a config.pbtxt of each engine model says about its requests (its header). Triton's ModelConfig
-# cannot limit the batch size of one request, so the configs cannot refuse [k, L] themselves.
-ONE_PAIR_PER_REQUEST = (
-    "Requests: exactly ONE (query, document) pair each, input_ids INT32 [1, L] (L <= max_length); the dynamic "
-    "batcher concatenates the requests of an execution, unpadded, and cu_seqlens marks where each begins."
+# What a config.pbtxt of each engine model says about its requests (its header).
+PACKED_REQUESTS = (
+    "Requests: ONE packed batch each, from the reranker model (the front): input_ids INT32 [T], the pairs' tokens "
+    "concatenated with no padding, and cu_seqlens INT32 [B+1] = 0, len0, len0+len1, ..., T. max_batch_size is 0: "
+    "Triton does not merge requests (the front already packed pairs of many client requests into each one)."
 )
-_CANNOT_REFUSE = (
-    "This backend cannot refuse a request of [k, L] (k padded pairs): it concatenates ragged inputs by element "
-    "count, so it would take the k x L tokens for ONE pair and hand back scores for k. Send [1, L] only; the "
-    "reranker model always does."
+_PROFILE_ENFORCED = (
+    "Triton's TensorRT backend refuses a request whose shapes are outside the plan's optimization profile, so no "
+    "request can hold more tokens or pairs than the profile; it cannot check the offsets' contents: cu_seqlens must "
+    "start at 0, rise, and end at T. The front always sends that; keep this model's endpoint internal (clients call "
+    "the reranker model, or the /v1/rerank gateway)."
+)
+_TRUSTS_OFFSETS = (
+    "Triton's onnxruntime backend checks neither the sizes nor the offsets' contents: cu_seqlens must start at 0, "
+    "rise, and end at T. The front always sends that; keep this model's endpoint internal."
 )
 ENGINE_REQUEST_NOTES = {
-    "tensorrt": (ONE_PAIR_PER_REQUEST, _CANNOT_REFUSE),
-    "onnxruntime": (ONE_PAIR_PER_REQUEST, _CANNOT_REFUSE),
-    "python": (ONE_PAIR_PER_REQUEST, "A request of any other shape gets a 400 that says so."),
+    "tensorrt": (PACKED_REQUESTS, _PROFILE_ENFORCED),
+    "onnxruntime": (PACKED_REQUESTS, _TRUSTS_OFFSETS),
+    "python": (PACKED_REQUESTS, "A request beyond the limits in parameters, or with offsets that do not describe "
+               "its tokens, gets a 400 that says so."),
+    "null": (PACKED_REQUESTS, "Scores are constant (0); for measuring the front only."),
 }
 
 
@@ -78,21 +94,14 @@ def engine_config(
     backend: EngineBackend,
     name: str,
     *,
-    max_batch_size: int,
     instances: int,
-    queue_delay_us: int,
     compute_capability: str | None = None,
     parameters: dict[str, object] | None = None,
 ) -> dict:
-    config: dict = {"name": name, **dict(backend.fields), "max_batch_size": max_batch_size}
-    config["input"] = [{"name": RAGGED_INPUT, "data_type": "TYPE_INT32", "dims": [-1], "allow_ragged_batch": True}]
-    if backend.offsets_from_batch_input:
-        config["batch_input"] = [{
-            "kind": OFFSETS_KIND, "target_name": [OFFSETS_INPUT], "data_type": "TYPE_INT32",
-            "source_input": [RAGGED_INPUT],
-        }]
-    config["output"] = [{"name": "scores", "data_type": "TYPE_FP32", "dims": [1]}]
-    config["dynamic_batching"] = {"max_queue_delay_microseconds": int(queue_delay_us)}
+    config: dict = {"name": name, **dict(backend.fields), "max_batch_size": 0}
+    config["input"] = [{"name": TOKENS_INPUT, "data_type": "TYPE_INT32", "dims": [-1]},
+                       {"name": OFFSETS_INPUT, "data_type": "TYPE_INT32", "dims": [-1]}]
+    config["output"] = [{"name": "scores", "data_type": "TYPE_FP32", "dims": [-1, 1]}]
     config["instance_group"] = [{"kind": backend.instance_kind, "count": int(instances)}]
     if backend.key == "tensorrt":
         config["cc_model_filenames"] = {str(compute_capability): plan_filename(compute_capability)}

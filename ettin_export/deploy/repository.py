@@ -2,7 +2,7 @@
 
     REPO/
       ettin-deploy.json                what was generated, from which artifact (and marks REPO as ours)
-      <name>/                          python backend: the entry point (query + documents -> scores)
+      <name>/                          python backend: the entry point and front (query + documents -> scores)
         config.pbtxt
         1/model.py                     ettin_export/deploy/models/reranker.py
         1/ettin_packing.py             ettin_runtime/packing.py (CrossEncoder-exact tokenization)
@@ -10,6 +10,7 @@
       <name>_trt/                      TensorRT artifact: tensorrt_plan, 1/model.sm90.plan
       <name>_ort/                      CPU artifact, --cpu-backend python (default): 1/model.py + model.onnx
       <name>_onnx/                     CPU artifact, --cpu-backend onnxruntime: 1/model.onnx
+      <name>_null/, <name>_null_engine/   --with-null-engine: the same front against constant scores
 
 A CPU repository holds one engine model, so that every model in it loads under the server it is made
 for: `python` runs on any Triton (and on the CPU-only PyPI server the tests use); `onnxruntime` needs
@@ -31,10 +32,14 @@ from pathlib import Path
 from ettin_runtime.artifact import TOKENIZER_FILES, Artifact, StagedFolder, replacement_problem
 
 from ettin_export.deploy.checks import (
+    BUDGET_PAIRS,
+    BUDGET_TOKENS,
+    BatchBudget,
     DeployError,
+    check_budget,
     check_engine_config,
     check_signature_matches_artifact,
-    choose_max_batch_size,
+    choose_batch_budget,
     signature_from_artifact,
     signature_from_onnx,
 )
@@ -42,6 +47,9 @@ from ettin_export.deploy.configs import (
     DEFAULT_NAME,
     ENGINE_BACKENDS,
     ENGINE_REQUEST_NOTES,
+    NULL_ENGINE,
+    NULL_SUFFIX,
+    RERANKER_QUEUE_DELAY_US,
     EngineBackend,
     engine_config,
     plan_filename,
@@ -52,9 +60,10 @@ from ettin_export.deploy.schema import ConfigError, config_to_text, parse_config
 MARKER_NAME = "ettin-deploy.json"
 TOKENIZER_DIR = "tokenizer"
 PACKING_MODULE = "ettin_packing.py"
-MAX_INFLIGHT_PAIRS = 256
-# What the python models import besides numpy (the Triton container's Python has neither).
-PYTHON_REQUIREMENTS = {"reranker": ["tokenizers>=0.20,<1"], "python": ["onnxruntime>=1.17"]}
+# What the python models need in the server's Python (the Triton container's has neither tokenizers nor
+# onnxruntime). numpy<2: the 24.xx python backend (pybind11 2.10) silently corrupts tensors under numpy 2
+# (INT64 [1,2,3] arrives as [1,1,1]; python_backend PR #384 fixed it later).
+PYTHON_REQUIREMENTS = {"reranker": ["numpy<2", "tokenizers>=0.20,<1"], "python": ["onnxruntime>=1.17"]}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -63,11 +72,13 @@ class DeployOptions:
     repo: Path
     name: str = DEFAULT_NAME
     instances: int = 1  # engine model instances (GPU: per GPU)
-    reranker_instances: int = 2  # python reranker processes: tokenizing overlaps engine work
-    max_batch_size: int | None = None  # pairs per engine execution; default: what the engine holds
-    queue_delay_us: int = 1000  # the engine's dynamic-batching window
+    reranker_instances: int = 2  # python front processes: one tokenizes while another waits for the engine
+    max_batch_size: int | None = None  # pairs per engine request; default: what the engine holds
+    max_batch_tokens: int | None = None  # tokens per engine request; default: the engine's (CPU: its best size)
+    queue_delay_us: int = RERANKER_QUEUE_DELAY_US  # how long the front's batcher waits to gather requests
     cpu_backend: str = "python"  # "python" | "onnxruntime" (CPU artifacts)
     max_documents: int = 1000  # per reranker request
+    null_engine: bool = False  # also <name>_null: the same front against constant scores
     allow_random_weights: bool = False
     force: bool = False
 
@@ -78,7 +89,8 @@ class DeployedRepository:
     reranker_model: str
     engine_model: str
     engine_backend: str
-    max_batch_size: int
+    budget: BatchBudget  # the most the front puts in one engine request
+    null_reranker_model: str | None = None  # --with-null-engine: the front against constant scores
     configs: dict[str, str] = field(default_factory=dict)  # model name -> config.pbtxt text
     python_requirements: list[str] = field(default_factory=list)  # for the python models, in the server's Python
     tensorrt_version: str | None = None  # the server's TensorRT must be this one
@@ -124,6 +136,15 @@ def _min_pair_tokens(artifact: Artifact) -> int:
     from ettin_runtime.packing import PairEncoder
 
     return len(PairEncoder.from_dir(artifact.root, artifact.max_length).encode([("", "")])[0])
+
+
+def _cpu_tokens(artifact: Artifact, backend: EngineBackend) -> int | None:
+    """On the CPU, the batch size ONNX Runtime runs fastest (what the in-process runtime packs by default)."""
+    if backend.instance_kind != "KIND_CPU":
+        return None
+    from ettin_runtime.backends.onnxruntime import cpu_batch_tokens
+
+    return cpu_batch_tokens(artifact.model.hidden_size, artifact.max_length)
 
 
 def _prepare_repo(repo: Path, force: bool) -> None:
@@ -198,12 +219,13 @@ def deploy_triton(artifact_dir: str | Path, options: DeployOptions) -> DeployedR
         raise DeployError("--queue-delay-us must be >= 0 and --max-documents >= 1.")
     backend = _engine_backend(artifact, options)
     graph = _graph_signature(artifact)
-    max_batch_size = choose_max_batch_size(artifact, options.max_batch_size, _min_pair_tokens(artifact))
+    budget = choose_batch_budget(artifact, pairs=options.max_batch_size, tokens=options.max_batch_tokens,
+                                 min_pair_tokens=_min_pair_tokens(artifact), default_tokens=_cpu_tokens(artifact, backend))
     repo = Path(options.repo)
     _prepare_repo(repo, options.force)
     staging = StagedFolder(repo, "deploying")
     try:
-        result = _write(staging.path, artifact, backend, graph, max_batch_size, options)
+        result = _write(staging.path, artifact, backend, graph, budget, options)
         staging.publish()
     except BaseException:
         staging.discard()
@@ -212,7 +234,7 @@ def deploy_triton(artifact_dir: str | Path, options: DeployOptions) -> DeployedR
     return result
 
 
-def _write(staging: Path, artifact: Artifact, backend: EngineBackend, graph, max_batch_size: int,
+def _write(staging: Path, artifact: Artifact, backend: EngineBackend, graph, budget: BatchBudget,
            options: DeployOptions) -> DeployedRepository:
     name = options.name
     engine_name = name + backend.suffix
@@ -239,56 +261,76 @@ def _write(staging: Path, artifact: Artifact, backend: EngineBackend, graph, max
             files[f"{engine_name}/1/{engine.external_data}"] = engine.external_data
         parameters = None
         if backend.key == "python":
+            # The limits it refuses beyond: the engine's own (the front packs within its budget, below them).
+            limits = artifact.limits
             parameters = {"onnx_file": "model.onnx", "max_length": artifact.max_length,
-                          "vocab_size": artifact.model.vocab_size, "intra_op_threads": 0}
-    engine_text = config_to_text(
-        engine_config(backend, engine_name, max_batch_size=max_batch_size, instances=options.instances,
-                      queue_delay_us=options.queue_delay_us, compute_capability=compute_capability,
+                          "vocab_size": artifact.model.vocab_size, "intra_op_threads": 0, "allow_spinning": 0,
+                          BUDGET_TOKENS: limits.max_batch_tokens, BUDGET_PAIRS: limits.max_batch_pairs}
+    configs = {engine_name: config_to_text(
+        engine_config(backend, engine_name, instances=options.instances, compute_capability=compute_capability,
                       parameters=parameters),
         _header(artifact, f"Engine model: {backend.description}.", ENGINE_REQUEST_NOTES[backend.key]
                 + (tuple(serving_notes) if backend.key == "tensorrt" else ())),
-    )
+    )}
 
     tokenizer_files = [f for f in TOKENIZER_FILES if artifact.path(f).is_file()]
     if "tokenizer.json" not in tokenizer_files:
         raise DeployError(f"{artifact.root} has no tokenizer.json; the reranker model tokenizes with it. Rebuild the artifact.")
-    for file in tokenizer_files:
-        files[f"{name}/1/{TOKENIZER_DIR}/{file}"] = file
-    # Pairs one reranker instance keeps in flight: a full batch for every engine instance. Each is a BLS
-    # call holding a thread of the python backend's pool (`thread-pool-size`, 32 per instance by default).
-    max_inflight = min(MAX_INFLIGHT_PAIRS, max(32, max_batch_size * options.instances))
-    reranker_parameters = {
-        "engine_model": engine_name,
-        "max_length": artifact.max_length,
-        "tokenizer_dir": TOKENIZER_DIR,
-        "max_documents": options.max_documents,
-        "max_inflight_pairs": max_inflight,
-        "score_activation": artifact.score_activation,
-        "source_model": artifact.source.model or "",
-        "random_weights": str(artifact.random_weights).lower(),
-    }
-    reranker_text = config_to_text(
-        reranker_config(name, instances=options.reranker_instances, parameters=reranker_parameters),
-        _header(artifact, f"Reranker model (entry point): query + documents -> scores, via {engine_name}."),
-    )
+    fronts = {name: engine_name}
+    null_name = None
+    if options.null_engine:
+        null_name = name + NULL_SUFFIX
+        null_engine_name = name + NULL_ENGINE.suffix
+        fronts[null_name] = null_engine_name
+        configs[null_engine_name] = config_to_text(
+            engine_config(NULL_ENGINE, null_engine_name, instances=1),
+            _header(artifact, f"Null engine model: {NULL_ENGINE.description}.", ENGINE_REQUEST_NOTES["null"]),
+        )
+    for front, front_engine in fronts.items():
+        for file in tokenizer_files:
+            files[f"{front}/1/{TOKENIZER_DIR}/{file}"] = file
+        front_parameters = {
+            "engine_model": front_engine,
+            "max_length": artifact.max_length,
+            "tokenizer_dir": TOKENIZER_DIR,
+            "max_documents": options.max_documents,
+            BUDGET_TOKENS: budget.max_tokens,
+            BUDGET_PAIRS: budget.max_pairs,
+            "tokenizer_parallelism": "false",
+            "score_activation": artifact.score_activation,
+            "source_model": artifact.source.model or "",
+            "random_weights": str(artifact.random_weights).lower(),
+        }
+        config = reranker_config(front, instances=options.reranker_instances, parameters=front_parameters)
+        config["dynamic_batching"]["max_queue_delay_microseconds"] = int(options.queue_delay_us)
+        what = "constant scores (the front's cost alone)" if front == null_name else "scores"
+        configs[front] = config_to_text(
+            config, _header(artifact, f"Reranker model (entry point, the front): query + documents -> {what}, via "
+                            f"{front_engine}, in packed batches of at most {budget.max_tokens} tokens and "
+                            f"{budget.max_pairs} pairs."))
 
     for destination, source in files.items():
         _place(artifact.path(source), staging / destination)
     if backend.key == "python":
         (engine_dir / "model.py").write_text(_model_source("ort_engine.py"), encoding="utf-8")
-    reranker_dir = staging / name / "1"
-    (reranker_dir / "model.py").write_text(_model_source("reranker.py"), encoding="utf-8")
+    if null_name:
+        null_dir = staging / (name + NULL_ENGINE.suffix) / "1"
+        null_dir.mkdir(parents=True, exist_ok=True)
+        (null_dir / "model.py").write_text(_model_source("null_engine.py"), encoding="utf-8")
     from ettin_runtime import packing
 
-    _place(Path(packing.__file__), reranker_dir / PACKING_MODULE)
-    configs = {engine_name: engine_text, name: reranker_text}
+    for front in fronts:
+        reranker_dir = staging / front / "1"
+        (reranker_dir / "model.py").write_text(_model_source("reranker.py"), encoding="utf-8")
+        _place(Path(packing.__file__), reranker_dir / PACKING_MODULE)
     for model, text in configs.items():
         (staging / model / "config.pbtxt").write_text(text, encoding="utf-8")
 
-    check_repository(staging, artifact, graph, engine_name, name, builds_offsets=not backend.offsets_from_batch_input)
+    for front, front_engine in fronts.items():
+        check_repository(staging, artifact, graph if front == name else None, front_engine, front)
     requirements = PYTHON_REQUIREMENTS["reranker"] + PYTHON_REQUIREMENTS.get(backend.key, [])
     tensorrt_version = engine.tensorrt.tensorrt_version if backend.key == "tensorrt" else None
-    server_args = [f"--backend-config=python,thread-pool-size={max(32, max_inflight)}"]
+    server_args: list[str] = []
     marker = {
         "generated_by": "ettin-export deploy triton",
         "artifact": str(artifact.root.resolve()),
@@ -299,7 +341,9 @@ def _write(staging: Path, artifact: Artifact, backend: EngineBackend, graph, max
         "reranker_model": name,
         "engine_model": engine_name,
         "engine_backend": backend.key,
-        "max_batch_size": max_batch_size,
+        "null_reranker_model": null_name,
+        BUDGET_TOKENS: budget.max_tokens,
+        BUDGET_PAIRS: budget.max_pairs,
         "python_requirements": requirements,
         "tensorrt_version": tensorrt_version,
         "server_args": server_args,
@@ -308,21 +352,21 @@ def _write(staging: Path, artifact: Artifact, backend: EngineBackend, graph, max
         "files": {dest: artifact.files[src] for dest, src in files.items() if src in artifact.files},
     }
     (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    return DeployedRepository(staging, name, engine_name, backend.key, max_batch_size, configs, requirements,
+    return DeployedRepository(staging, name, engine_name, backend.key, budget, null_name, configs, requirements,
                               tensorrt_version, server_args, serving_notes, warnings)
 
 
-def check_repository(root: Path, artifact: Artifact, graph, engine_name: str, reranker_name: str,
-                     *, builds_offsets: bool) -> None:
+def check_repository(root: Path, artifact: Artifact, graph, engine_name: str, reranker_name: str) -> None:
     """Parse every config.pbtxt back from disk against the schema and cross-check it; check that the
-    files each model loads are inside the repository."""
+    files each model loads are inside the repository. `graph`: the engine's graph signature (None for the
+    null engine, which has no graph: it is checked against the real one's interface by its own config)."""
     engine = parse_config((root / engine_name / "config.pbtxt").read_text(), f"{engine_name}/config.pbtxt")
     reranker = parse_config((root / reranker_name / "config.pbtxt").read_text(), f"{reranker_name}/config.pbtxt")
     problems = []
     for config, folder in ((engine, engine_name), (reranker, reranker_name)):
         if config.name != folder:
             problems.append(f"{folder}/config.pbtxt names the model {config.name!r}; Triton requires the folder name")
-    check_engine_config(engine, graph, artifact=artifact, builds_offsets=builds_offsets)
+    check_engine_config(engine, graph or signature_from_artifact(artifact))
     version = root / engine_name / "1"
     if engine.platform == "tensorrt_plan":
         capability = artifact.engine.tensorrt.compute_capability
@@ -331,10 +375,10 @@ def check_repository(root: Path, artifact: Artifact, graph, engine_name: str, re
                             f"capability {capability}")
         needed = list(engine.cc_model_filenames.values())
     elif engine.backend == "python":
-        needed = ["model.py", engine.parameters["onnx_file"].string_value]
+        needed = ["model.py"] + ([engine.parameters["onnx_file"].string_value] if graph is not None else [])
     else:
         needed = [engine.default_model_filename or "model.onnx"]
-    if artifact.engine.external_data and engine.platform != "tensorrt_plan":
+    if graph is not None and artifact.engine.external_data and engine.platform != "tensorrt_plan":
         needed.append(artifact.engine.external_data)
     parameters = {k: v.string_value for k, v in reranker.parameters.items()}
     if parameters.get("engine_model") != engine_name:
@@ -342,6 +386,7 @@ def check_repository(root: Path, artifact: Artifact, graph, engine_name: str, re
     if int(parameters.get("max_length", -1)) != artifact.max_length:
         problems.append(f"the reranker truncates to {parameters.get('max_length')} tokens, the engine is built for "
                         f"{artifact.max_length}")
+    problems += check_budget(parameters, artifact)
     missing = [str((version / n).relative_to(root)) for n in needed if not (version / n).is_file()]
     reranker_version = root / reranker_name / "1"
     for n in ("model.py", PACKING_MODULE, f"{parameters.get('tokenizer_dir')}/tokenizer.json"):

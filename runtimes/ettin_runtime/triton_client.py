@@ -33,6 +33,8 @@ from .reranker import Reranker, _check_batch_size, _check_pairs
 
 PROTOCOLS = ("http", "grpc")
 _MAX_MESSAGE = 2**31 - 1
+# gRPC's default caps messages at 4 MiB; a request of many long documents is larger.
+GRPC_CHANNEL_ARGS = (("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE))
 INSTALL_HINT = "pip install 'ettin-export[triton-client]'  (or: pip install 'tritonclient[http,grpc]')"
 
 
@@ -121,8 +123,7 @@ class TritonReranker(Reranker):
         self.headers = headers
         host = self.url.rsplit(":", 1)[0] if ":" in self.url else self.url
         if channel_args is None and protocol == "grpc":
-            channel_args = [("grpc.max_send_message_length", _MAX_MESSAGE),
-                            ("grpc.max_receive_message_length", _MAX_MESSAGE)]
+            channel_args = list(GRPC_CHANNEL_ARGS)
             if _is_loopback(host):  # gRPC would send even 127.0.0.1 through an http_proxy
                 channel_args.append(("grpc.enable_http_proxy", 0))
         self._channel_args = channel_args

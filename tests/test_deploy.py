@@ -57,7 +57,7 @@ def artifact(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy-artifact") / "cpu"
     status = cli(["build", str(tiny_checkpoint), "--target", "cpu", "--out", str(out), "--max-length", str(MAX_LENGTH),
                   "--max-batch-size", str(ENGINE_BATCH), "--skip-crossencoder-check", "--parity-queries", "2",
-                  "--quiet"])
+                  "--runtime", "onnxruntime", "--quiet"])  # ONNX Runtime: Triton's onnxruntime backend variant too
     assert status == 0
     return out
 

@@ -256,3 +256,47 @@ def test_the_fastest_runtime_that_passes_the_gate_is_chosen(tiny_checkpoint, tmp
     assert choice["gate"]["onnxruntime"] == "passed" and choice["gate"]["openvino"].startswith("max |Δscore|")
     assert choice["pairs_per_s"] == {"openvino": 200.0, "onnxruntime": 100.0}
     assert "openvino_version" not in artifact.engine.record
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_deploy_triton_serves_reduced_artifacts_with_their_own_runtime(reduced, precision, tmp_path):
+    """The engine model runs the artifact's runtime (int8: ONNX Runtime, bf16: OpenVINO at bf16) in a real
+    server; its scores are the in-process runtime's up to batch composition."""
+    from ettin_export.cli import main
+    from ettin_runtime import Reranker
+    from ettin_runtime.triton_client import TritonReranker
+
+    from .tritonserver import harness, server_env_or_skip
+
+    repo = tmp_path / "models"
+    assert main(["deploy", "triton", str(reduced[precision]), "--repo", str(repo), "--allow-random-weights"]) == 0
+    record = json.loads((repo / "ettin-deploy.json").read_text())
+    engine_config = (repo / record["engine_model"] / "config.pbtxt").read_text()
+    runtime = {"int8": "onnxruntime", "bf16": "openvino"}[precision]
+    assert f'string_value: "{runtime}"' in engine_config
+    if precision == "bf16":
+        assert 'string_value: "bf16"' in engine_config
+        assert any(r.startswith("openvino") for r in record["python_requirements"])
+        from ettin_export.deploy.checks import DeployError
+        from ettin_export.deploy.repository import DeployOptions, deploy_triton
+
+        with pytest.raises(DeployError, match="--cpu-backend python"):
+            deploy_triton(reduced[precision], DeployOptions(repo=tmp_path / "other", cpu_backend="onnxruntime",
+                                                           allow_random_weights=True))
+    env = server_env_or_skip()
+    from .contract import contract_pairs
+
+    pairs = contract_pairs(seed=29)
+    with Reranker.load(reduced[precision]) as local:
+        expected = local.predict(pairs)
+    gate = json.loads((reduced[precision] / "parity.json").read_text())["metrics"]["max_abs_diff"]
+    server = harness.start_server(repo, env, log_path=tmp_path / "server.log", die_with_parent=True,
+                                  extra_args=record["server_args"])
+    try:
+        with TritonReranker(server.grpc_url, record["reranker_model"], protocol="grpc") as remote:
+            got = remote.predict(pairs)
+    finally:
+        report = server.stop()
+    assert report["exited"], report
+    assert got.shape == expected.shape and np.corrcoef(got, expected)[0, 1] > 0.99
+    assert np.max(np.abs(got - expected)) <= max(2 * gate, 0.05)

@@ -48,7 +48,7 @@ ENGINE_BACKENDS = {
         EngineBackend("onnxruntime", "_onnx", (("backend", "onnxruntime"),), "KIND_CPU",
                       "Triton's onnxruntime backend (a Triton container), one packed batch per request"),
         EngineBackend("python", "_ort", (("backend", "python"),), "KIND_CPU",
-                      "python backend running the ONNX file with ONNX Runtime, one packed batch per request"),
+                      "python backend running the ONNX file with the artifact's runtime (ONNX Runtime or OpenVINO), one packed batch per request"),
     )
 }
 NULL_ENGINE = EngineBackend("null", NULL_ENGINE_SUFFIX, (("backend", "python"),), "KIND_CPU",

@@ -63,7 +63,10 @@ PACKING_MODULE = "ettin_packing.py"
 # What the python models need in the server's Python (the Triton container's has neither tokenizers nor
 # onnxruntime). numpy<2: the 24.xx python backend (pybind11 2.10) silently corrupts tensors under numpy 2
 # (INT64 [1,2,3] arrives as [1,1,1]; python_backend PR #384 fixed it later).
-PYTHON_REQUIREMENTS = {"reranker": ["numpy<2", "tokenizers>=0.20,<1"], "python": ["onnxruntime>=1.17"]}
+PYTHON_REQUIREMENTS = {"reranker": ["numpy<2", "tokenizers>=0.20,<1"], "python": ["onnxruntime>=1.17"],
+                       "python+openvino": ["openvino>=2025.0", "onnx>=1.17"]}
+# The artifact's precision -> OpenVINO's inference precision, for an OpenVINO artifact's engine model.
+OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -109,10 +112,11 @@ def _engine_backend(artifact: Artifact, options: DeployOptions) -> EngineBackend
         return ENGINE_BACKENDS["tensorrt"]
     if options.cpu_backend not in ("python", "onnxruntime"):
         raise DeployError(f"--cpu-backend must be 'python' or 'onnxruntime', got {options.cpu_backend!r}.")
-    if artifact.precision != "fp32":
+    if options.cpu_backend == "onnxruntime" and artifact.engine.runtime != "onnxruntime":
         raise DeployError(
-            f"This ONNX artifact is {artifact.precision} (target {artifact.target}); ONNX Runtime on the CPU "
-            "runs the fp32 graph. Deploy the TensorRT artifact built from it, or build `--target cpu`."
+            f"This {artifact.precision} artifact runs on {artifact.engine.runtime}; Triton's onnxruntime backend runs "
+            "ONNX Runtime artifacts only (and Triton's openvino backend cannot read the attention's local function). "
+            "Deploy it with --cpu-backend python, which runs the artifact's own runtime."
         )
     return ENGINE_BACKENDS[options.cpu_backend]
 
@@ -265,7 +269,10 @@ def _write(staging: Path, artifact: Artifact, backend: EngineBackend, graph, bud
             limits = artifact.limits
             parameters = {"onnx_file": "model.onnx", "max_length": artifact.max_length,
                           "vocab_size": artifact.model.vocab_size, "intra_op_threads": 0, "allow_spinning": 0,
-                          BUDGET_TOKENS: limits.max_batch_tokens, BUDGET_PAIRS: limits.max_batch_pairs}
+                          BUDGET_TOKENS: limits.max_batch_tokens, BUDGET_PAIRS: limits.max_batch_pairs,
+                          "runtime": engine.runtime}
+            if engine.runtime == "openvino":
+                parameters["inference_precision"] = OPENVINO_PRECISION[artifact.precision]
     configs = {engine_name: config_to_text(
         engine_config(backend, engine_name, instances=options.instances, compute_capability=compute_capability,
                       parameters=parameters),
@@ -328,7 +335,8 @@ def _write(staging: Path, artifact: Artifact, backend: EngineBackend, graph, bud
 
     for front, front_engine in fronts.items():
         check_repository(staging, artifact, graph if front == name else None, front_engine, front)
-    requirements = PYTHON_REQUIREMENTS["reranker"] + PYTHON_REQUIREMENTS.get(backend.key, [])
+    engine_key = backend.key + ("+openvino" if backend.key == "python" and engine.runtime == "openvino" else "")
+    requirements = PYTHON_REQUIREMENTS["reranker"] + PYTHON_REQUIREMENTS.get(engine_key, [])
     tensorrt_version = engine.tensorrt.tensorrt_version if backend.key == "tensorrt" else None
     server_args: list[str] = []
     marker = {

@@ -65,8 +65,9 @@ DEFAULT_ENV_DIR = _default_env_location()
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
 # What python-backend models import inside the stub. onnxruntime 1.32.0 is the newest release and
 # still accepts numpy 1.x (Requires-Dist numpy>=1.21.6; checked with numpy 1.26.4 on CPython 3.11).
-STUB_REQUIREMENTS = ("numpy<2", "onnxruntime==1.32.0", "tokenizers>=0.20,<1")
-STUB_IMPORTS = ("numpy", "onnxruntime", "tokenizers")
+# OpenVINO + onnx: the engine model of an OpenVINO artifact (fp32 / bf16) runs there too.
+STUB_REQUIREMENTS = ("numpy<2", "onnxruntime==1.32.0", "tokenizers>=0.20,<1", "openvino==2026.4.1", "onnx>=1.17")
+STUB_IMPORTS = ("numpy", "onnxruntime", "tokenizers", "openvino", "onnx")
 STUB_PYTHON_VERSIONS = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13")  # stubs shipped in the wheel
 
 MARKER_NAME = "ettin-triton-env.json"

@@ -22,17 +22,21 @@ def _pseudo_words(rng: random.Random, count: int) -> list[str]:
 
 
 def wordpiece_tokenizer(seed: int, vocab_size: int = 1500):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A WordPiece tokenizer (BERT normalizer and pre-tokenizer, "##" continuations, a double-[SEP] pair
+    template) whose vocabulary is laid out deterministically: tokenizers' WordPieceTrainer breaks frequency
+    ties in hash order, so a trained vocabulary (and every score of the checkpoint) changed from run to run."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     rng = random.Random(seed)
-    words = _pseudo_words(rng, 400)
-    corpus = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(3000)]
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    words = list(dict.fromkeys(_pseudo_words(rng, 400)))
+    characters = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = SPECIALS + list(characters) + ["##" + c for c in string.ascii_lowercase + string.digits] + words
+    pieces = sorted({"##" + w[i:] for w in words for i in range(1, len(w) - 1)}, key=lambda p: (len(p), p))
+    vocab += [p for p in pieces if p not in set(vocab)][: max(0, vocab_size - len(vocab))]
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                                                    show_progress=False))
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]

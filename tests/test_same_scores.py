@@ -109,7 +109,8 @@ def test_a_parity_failure_reports_the_three_figures(tiny_checkpoint, tmp_path, c
     original = OnnxRuntimeReranker._score
     monkeypatch.setattr(OnnxRuntimeReranker, "_score", lambda self, batch: original(self, batch) + np.float32(1e-3))
     out = tmp_path / "art"
-    assert main(["build", str(tiny_checkpoint), "--target", "cpu", "--out", str(out), "--parity-queries", "1"]) == 1
+    assert main(["build", str(tiny_checkpoint), "--target", "cpu", "--out", str(out), "--parity-queries", "1",
+                 "--runtime", "onnxruntime"]) == 1  # the broken runtime alone: no other runtime to fall back on
     err = capsys.readouterr().err
     for line in ("candidate vs anchor:", "own reference vs anchor:", "candidate vs own reference:"):
         assert line in err

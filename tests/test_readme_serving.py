@@ -74,7 +74,7 @@ def test_the_section_deploys_what_the_main_command_builds():
     from ettin_export.targets import get_target
 
     assert MAIN_BUILD in README
-    built = default_out(Namespace(size="17m", model=None, random_weights=True), get_target("cpu"))
+    built = default_out(Namespace(size="17m", model=None, random_weights=True, precision=None), get_target("cpu"))
     assert built.as_posix() == "artifacts/17m-random-cpu"
     code = "\n".join(code for _, code in blocks())
     assert f"ettin-export deploy triton {built.as_posix()} --repo model_repository --allow-random-weights" in code

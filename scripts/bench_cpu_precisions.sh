@@ -8,6 +8,7 @@
 #
 #   scripts/bench_cpu_precisions.sh                 # 17m and 150m, builds then benches
 #   SIZES=17m BUILD=0 scripts/bench_cpu_precisions.sh   # bench what is already built
+#   SIZES=150m PAIRS=96 BASELINE_BATCH=4 scripts/bench_cpu_precisions.sh
 #
 # Needs the dev install (torch, sentence-transformers, onnxruntime, openvino). Run it on a quiet
 # machine: bench refuses to report a ratio for rounds another process disturbed (exit 4).
@@ -17,6 +18,8 @@ RESULTS=${RESULTS:-bench-results}
 BUILD=${BUILD:-1}
 BENCH=${BENCH:-1}
 PRECISIONS=${PRECISIONS:-"fp32 int8 bf16"}
+PAIRS=${PAIRS:-256}            # 96 keeps a 150m run under half an hour on 2 cores
+BASELINE_BATCH=${BASELINE_BATCH:-auto}  # the baseline's batch size: auto searches 4..64 on the pairs
 mkdir -p "$RESULTS"
 
 artifact_dir() {  # the published artifact, else the rejected build
@@ -42,10 +45,11 @@ print(f"   gate {'PASSED' if report['passed'] else 'FAILED'}: {report['candidate
       f"({m['pairs']} pairs, {m['queries']} queries)")
 EOF
     if [ "$BENCH" = 1 ]; then
-      ettin-export bench "$dir" --allow-unverified --baseline-batch-size auto --quiet \
+      ettin-export bench "$dir" --allow-unverified --pairs "$PAIRS" --baseline-batch-size "$BASELINE_BATCH" --quiet \
         --out "$RESULTS/$size-$precision-vs-crossencoder.json" | tail -7
       if [ "$precision" != int8 ]; then
-        ettin-export bench "$dir" --allow-unverified --baseline openvino-padded --baseline-batch-size auto --quiet \
+        ettin-export bench "$dir" --allow-unverified --baseline openvino-padded --pairs "$PAIRS" \
+          --baseline-batch-size "$BASELINE_BATCH" --quiet \
           --out "$RESULTS/$size-$precision-vs-openvino-padded.json" | tail -7
       fi
     fi

@@ -120,7 +120,8 @@ def test_build_limits_are_refused_in_seconds(tiny_checkpoint, tmp_path, capsys, 
 @pytest.mark.parametrize(("options", "message"), [
     ({"max_length": 100000}, "max_length 100000 is outside what .* can take: 2 to 7999 tokens"),
     ({"max_length": 1}, "max_length 1 is outside"),
-    ({"max_batch_tokens": 50}, "max_batch_tokens must be an integer of at least 200"),
+    ({"max_batch_tokens": 0}, "max_batch_tokens must be an integer of at least 1"),
+    ({"max_batch_tokens": 12.5}, "max_batch_tokens must be an integer of at least 1"),
     ({"max_batch_pairs": 0}, "max_batch_pairs must be an integer of at least 1"),
 ])
 def test_runtime_limits_are_refused_before_anything_is_allocated(tiny_artifact, options, message):

@@ -86,3 +86,32 @@ def test_the_registry_names_every_runtime_and_loads_the_artifacts_own():
     for target in RUNTIMES.values():
         module, _, name = target.partition(":")
         assert module.startswith("ettin_runtime.backends.") and name.endswith("Reranker")
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_the_packing_budget_is_not_raised_to_the_max_length(tiny_artifact, expected, runtime):
+    """A CPU backend packs at its budget whatever the max length (7,999 for the Ettin sizes): a pair
+    longer than the budget runs alone, within the artifact's limit."""
+    if runtime == "openvino":
+        pytest.importorskip("openvino", reason="pip install 'ettin-export[openvino]'")
+    pairs, scores = expected
+    reranker = Reranker.load(tiny_artifact, runtime=runtime, max_batch_tokens=50)
+    assert reranker.max_batch_tokens == 50 < reranker.max_length <= reranker.token_limit
+    seen = []
+    real = reranker._score
+    reranker._score = lambda batch: (seen.append(batch), real(batch))[1]
+    got = reranker.predict(pairs)
+    assert np.max(np.abs(got - scores)) <= 1e-4
+    assert all(len(b.input_ids) <= 50 or b.num_pairs == 1 for b in seen)
+    assert any(len(b.input_ids) > 50 for b in seen) and any(b.num_pairs > 1 for b in seen)
+    reranker.close()
+
+
+def test_a_run_that_cannot_hold_one_full_pair_is_refused(tiny_artifact):
+    from ettin_runtime.backends.onnxruntime import OnnxRuntimeReranker
+    from ettin_runtime.packing import PairEncoder
+
+    artifact = Artifact.open(tiny_artifact)
+    encoder = PairEncoder.from_dir(artifact.root, artifact.max_length)
+    with pytest.raises(ValueError, match="below max_length"):
+        OnnxRuntimeReranker(None, encoder, artifact, max_batch_tokens=50, max_batch_pairs=4, token_limit=100)

@@ -112,7 +112,7 @@ class RerankerContender(Contender):
         self.name = "candidate"
         self.reranker = reranker
         if batch_tokens is not None:
-            self.reranker.max_batch_tokens = max(int(batch_tokens), reranker.max_length)
+            self.reranker.max_batch_tokens = min(int(batch_tokens), getattr(reranker, "token_limit", int(batch_tokens)))
         if batch_pairs is not None:
             self.reranker.max_batch_pairs = int(batch_pairs)
         self.description = {**description, "batch_pairs": self.reranker.max_batch_pairs,

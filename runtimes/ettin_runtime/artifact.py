@@ -507,10 +507,11 @@ class Artifact:
                 f"max_length {length!r} is outside what {self.root} can take: 2 to {longest} tokens (the model's "
                 f"positions; the artifact was built and checked at {self.max_length}). Pass a max_length in that range."
             )
-        for name, least in (("max_batch_tokens", length), ("max_batch_pairs", 1), ("threads", 1)):
+        # max_batch_tokens is a packing budget: a pair longer than it runs alone, within the engine's limit.
+        for name in ("max_batch_tokens", "max_batch_pairs", "threads"):
             value = getattr(options, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-                raise ArtifactError(f"{name} must be an integer of at least {least} (max_length {length}); got {value!r}.")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ArtifactError(f"{name} must be an integer of at least 1; got {value!r}.")
 
 
 # The runtimes, by name: "module:Class" whose `from_artifact(artifact, LoadOptions)` returns a Reranker

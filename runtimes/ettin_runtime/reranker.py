@@ -50,7 +50,8 @@ class LoadOptions:
         refuses "cuda" unless it has a CUDA provider).
     threads: CPU threads per run for CPU runtimes; a GPU runtime ignores it.
     max_length: truncate pairs to this many tokens instead of the artifact's max_length.
-    max_batch_tokens / max_batch_pairs: at most this much per run (within the artifact's limits).
+    max_batch_tokens / max_batch_pairs: at most this much per run (a pair longer than the token budget
+        runs alone, within the artifact's limits).
     """
 
     device: str = "auto"
@@ -158,22 +159,31 @@ class PackedBatchReranker(Reranker):
 
     Attributes:
         encoder: tokenizes pairs exactly as CrossEncoder does (template, truncation, max length).
-        max_batch_tokens / max_batch_pairs: the most one `_score` call gets.
+        max_batch_tokens: the packing budget: pairs share a `_score` call up to this many tokens; a
+            pair longer than the budget runs alone (so a CPU backend can pack at its fastest size
+            whatever the max length).
+        max_batch_pairs: the most pairs one `_score` call gets.
+        token_limit: the most tokens one `_score` call can take (an engine profile's maximum); default
+            the budget. It must hold one full-length pair.
     """
 
     def __init__(self, encoder: PairEncoder, *, activation: str = "identity", max_batch_tokens: int,
-                 max_batch_pairs: int):
-        if max_batch_tokens < encoder.max_length:
+                 max_batch_pairs: int, token_limit: int | None = None):
+        token_limit = max_batch_tokens if token_limit is None else token_limit
+        if token_limit < encoder.max_length:
             raise ValueError(
-                f"max_batch_tokens ({max_batch_tokens}) must be at least max_length ({encoder.max_length}), "
-                "or a single full-length pair would not fit in a batch."
+                f"a run takes at most {token_limit} tokens, below max_length ({encoder.max_length}): a single "
+                "full-length pair would not fit."
             )
+        if not 1 <= max_batch_tokens <= token_limit:
+            raise ValueError(f"max_batch_tokens must be between 1 and {token_limit} tokens per run, got {max_batch_tokens}.")
         if max_batch_pairs < 1:
             raise ValueError(f"max_batch_pairs must be at least 1, got {max_batch_pairs}.")
         self.encoder = encoder
         self.activation = activation
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_batch_pairs = int(max_batch_pairs)
+        self.token_limit = int(token_limit)
 
     @property
     def max_length(self) -> int:

@@ -18,15 +18,16 @@ from ..reranker import LoadOptions, PackedBatchReranker
 _RUNNABLE_PRECISIONS = {"CPUExecutionProvider": {"fp32", "int8"}, "CUDAExecutionProvider": {"fp32"}}
 
 
-def cpu_batch_tokens(hidden_size: int | None, max_length: int) -> int:
-    """The token budget per forward pass on the CPU provider, when the caller sets none.
+def cpu_batch_tokens(hidden_size: int | None, max_length: int | None = None) -> int:
+    """The token budget per forward pass on the CPU provider, when the caller sets none (a longer pair
+    runs alone; with `max_length`, at least that, for a caller whose batches must hold a full pair).
 
     Measured with `ettin-export bench` (2-core AMD EPYC, fp32, nq-like and long profiles, 17m, 150m and
     a 64-wide test model): packed batches of ~1-2K tokens run fastest, up to 2x faster than 16K. MLAS
     GEMMs lose ~15% from 1K to 8K rows (operands fall out of cache), and a length-sorted small batch
     keeps its padded attention blocks close to the real pair lengths. 150m (hidden 768) was ~10%
     faster at 1024 than at 2048, 17m (256) the same at both, the 64-wide model ~10% faster at 2048."""
-    return max(int(max_length), 2048 if (hidden_size or 0) < 512 else 1024)
+    return max(int(max_length or 0), 2048 if (hidden_size or 0) < 512 else 1024)
 
 
 def _import_onnxruntime():
@@ -56,9 +57,9 @@ def choose_providers(device: str = "auto") -> list[str]:
 
 class OnnxRuntimeReranker(PackedBatchReranker):
     def __init__(self, session, encoder: PairEncoder, artifact: Artifact, *, max_batch_tokens: int,
-                 max_batch_pairs: int):
+                 max_batch_pairs: int, token_limit: int | None = None):
         super().__init__(encoder, activation=artifact.score_activation, max_batch_tokens=max_batch_tokens,
-                         max_batch_pairs=max_batch_pairs)
+                         max_batch_pairs=max_batch_pairs, token_limit=token_limit)
         self.session = session
         self.artifact = artifact
 
@@ -86,10 +87,10 @@ class OnnxRuntimeReranker(PackedBatchReranker):
             # The artifact's limit is the most the graph was validated with; the CPU runs best below it.
             max_batch_tokens = artifact.limits.max_batch_tokens
             if providers[0] == "CPUExecutionProvider":
-                budget = cpu_batch_tokens(artifact.model.hidden_size, encoder.max_length)
-                max_batch_tokens = max(min(max_batch_tokens, budget), encoder.max_length)
+                max_batch_tokens = min(max_batch_tokens, cpu_batch_tokens(artifact.model.hidden_size))
         return cls(session, encoder, artifact, max_batch_tokens=max_batch_tokens,
-                   max_batch_pairs=options.max_batch_pairs or artifact.limits.max_batch_pairs)
+                   max_batch_pairs=options.max_batch_pairs or artifact.limits.max_batch_pairs,
+                   token_limit=max(artifact.limits.max_batch_tokens, max_batch_tokens))
 
     def _score(self, batch: PackedBatch) -> np.ndarray:
         if self.session is None:

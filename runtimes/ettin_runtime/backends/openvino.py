@@ -27,7 +27,7 @@ INSTALL_HINT = "pip install 'ettin-export[openvino]'  (or: pip install openvino 
 # The artifact's precision -> OpenVINO's inference precision. int8 artifacts hold ONNX Runtime's
 # quantized graph (MatMulInteger): OpenVINO runs it slower and with other results, so it is refused.
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
-# Token budget per run when the caller sets none: LATENCY-hint runs of ~2K tokens were fastest at 17m
+# Token budget per run when the caller sets none (a longer pair runs alone): LATENCY-hint runs of ~2K tokens were fastest at 17m
 # (2-core AMD EPYC Zen 5, bf16: 1024 / 2048 / 4096 tokens gave 361 / 392 / 393 pairs/s).
 DEFAULT_BATCH_TOKENS = 2048
 
@@ -58,9 +58,9 @@ def cpu_supports_bf16(core) -> bool:
 
 class OpenVinoReranker(PackedBatchReranker):
     def __init__(self, compiled, encoder: PairEncoder, artifact: Artifact, *, max_batch_tokens: int,
-                 max_batch_pairs: int, inference_precision: str):
+                 max_batch_pairs: int, inference_precision: str, token_limit: int | None = None):
         super().__init__(encoder, activation=artifact.score_activation, max_batch_tokens=max_batch_tokens,
-                         max_batch_pairs=max_batch_pairs)
+                         max_batch_pairs=max_batch_pairs, token_limit=token_limit)
         self.compiled = compiled
         self.artifact = artifact
         self.inference_precision = inference_precision
@@ -89,11 +89,10 @@ class OpenVinoReranker(PackedBatchReranker):
             config["INFERENCE_NUM_THREADS"] = int(options.threads)
         compiled = core.compile_model(read_graph(core, onnx, artifact.path(artifact.engine.file)), "CPU", config)
         encoder = PairEncoder.from_dir(artifact.root, options.max_length or artifact.max_length)
-        tokens = options.max_batch_tokens or max(min(DEFAULT_BATCH_TOKENS, artifact.limits.max_batch_tokens),
-                                                 encoder.max_length)
+        tokens = options.max_batch_tokens or min(DEFAULT_BATCH_TOKENS, artifact.limits.max_batch_tokens)
         return cls(compiled, encoder, artifact, max_batch_tokens=tokens,
                    max_batch_pairs=options.max_batch_pairs or artifact.limits.max_batch_pairs,
-                   inference_precision=precision)
+                   inference_precision=precision, token_limit=max(artifact.limits.max_batch_tokens, tokens))
 
     def _score(self, batch: PackedBatch) -> np.ndarray:
         if self.compiled is None:

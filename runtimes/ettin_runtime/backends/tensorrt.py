@@ -371,7 +371,8 @@ class TensorRTReranker(PackedBatchReranker):
                 "run: one pair would not fit. Load with a smaller max_length, or rebuild with a larger "
                 "--max-batch-tokens."
             )
-        super().__init__(encoder, activation=artifact.score_activation, max_batch_tokens=tokens, max_batch_pairs=pairs)
+        super().__init__(encoder, activation=artifact.score_activation, max_batch_tokens=tokens, max_batch_pairs=pairs,
+                         token_limit=limits.max_batch_tokens)
         self.session = session
         self.artifact = artifact
 

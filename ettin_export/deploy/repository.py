@@ -148,7 +148,7 @@ def _cpu_tokens(artifact: Artifact, backend: EngineBackend) -> int | None:
         return None
     from ettin_runtime.backends.onnxruntime import cpu_batch_tokens
 
-    return cpu_batch_tokens(artifact.model.hidden_size, artifact.max_length)
+    return cpu_batch_tokens(artifact.model.hidden_size, artifact.max_length, artifact.precision)
 
 
 def _prepare_repo(repo: Path, force: bool) -> None:

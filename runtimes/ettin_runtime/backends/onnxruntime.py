@@ -18,7 +18,7 @@ from ..reranker import LoadOptions, PackedBatchReranker
 _RUNNABLE_PRECISIONS = {"CPUExecutionProvider": {"fp32", "int8"}, "CUDAExecutionProvider": {"fp32"}}
 
 
-def cpu_batch_tokens(hidden_size: int | None, max_length: int | None = None) -> int:
+def cpu_batch_tokens(hidden_size: int | None, max_length: int | None = None, precision: str = "fp32") -> int:
     """The token budget per forward pass on the CPU provider, when the caller sets none (a longer pair
     runs alone; with `max_length`, at least that, for a caller whose batches must hold a full pair).
 
@@ -26,8 +26,12 @@ def cpu_batch_tokens(hidden_size: int | None, max_length: int | None = None) -> 
     a 64-wide test model): packed batches of ~1-2K tokens run fastest, up to 2x faster than 16K. MLAS
     GEMMs lose ~15% from 1K to 8K rows (operands fall out of cache), and a length-sorted small batch
     keeps its padded attention blocks close to the real pair lengths. 150m (hidden 768) was ~10%
-    faster at 1024 than at 2048, 17m (256) the same at both, the 64-wide model ~10% faster at 2048."""
-    return max(int(max_length or 0), 2048 if (hidden_size or 0) < 512 else 1024)
+    faster at 1024 than at 2048, 17m (256) the same at both, the 64-wide model ~10% faster at 2048.
+    int8 (dynamic quantization, activations quantized per run) ran best at 1024 at 17m too: 1024 / 2048 / 4096
+    tokens gave 3.36x / 2.96x / 2.70x CrossEncoder (2-core AMD EPYC Zen 5, nq-like, `ettin-export bench
+    --candidate-batch-tokens`)."""
+    best = 1024 if precision == "int8" or (hidden_size or 0) >= 512 else 2048
+    return max(int(max_length or 0), best)
 
 
 def _import_onnxruntime():
@@ -87,7 +91,8 @@ class OnnxRuntimeReranker(PackedBatchReranker):
             # The artifact's limit is the most the graph was validated with; the CPU runs best below it.
             max_batch_tokens = artifact.limits.max_batch_tokens
             if providers[0] == "CPUExecutionProvider":
-                max_batch_tokens = min(max_batch_tokens, cpu_batch_tokens(artifact.model.hidden_size))
+                max_batch_tokens = min(max_batch_tokens, cpu_batch_tokens(artifact.model.hidden_size,
+                                                                           precision=artifact.precision))
         return cls(session, encoder, artifact, max_batch_tokens=max_batch_tokens,
                    max_batch_pairs=options.max_batch_pairs or artifact.limits.max_batch_pairs,
                    token_limit=max(artifact.limits.max_batch_tokens, max_batch_tokens))

@@ -179,12 +179,14 @@ class CrossEncoderContender(Contender):
         self.description.update(batch_size=self.batch_size,
                                 batch_size_search={str(k): round(v, 4) for k, v in seconds.items()})
 
-    def prepare(self, pairs):
+    def prepare(self, pairs, batch_size: int | None = None):
+        """CrossEncoder's own length sort and padded batches of `batch_size` (default: the chosen one)."""
+        batch_size = batch_size or self.batch_size
         length = getattr(self.model, "_input_length", lambda pair: len(pair[0]) + len(pair[1]))
         order = np.argsort([-length(pair) for pair in pairs], kind="stable")
         batches = []
-        for start in range(0, len(order), self.batch_size):
-            indices = order[start : start + self.batch_size]
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
             features = self.model.preprocess([pairs[i] for i in indices])
             features = {k: (v.to(self.model.device) if hasattr(v, "to") else v) for k, v in features.items()}
             batches.append((indices, features))

@@ -89,13 +89,7 @@ class OpenVinoPaddedContender(CrossEncoderContender):
         return worst
 
     def predict(self, pairs, batch_size: int | None = None) -> np.ndarray:
-        if batch_size:
-            self.batch_size, previous = batch_size, self.batch_size
-            try:
-                return self.forward(self.prepare(pairs))
-            finally:
-                self.batch_size = previous
-        return self.forward(self.prepare(pairs))
+        return self.forward(self.prepare(pairs, batch_size))
 
     def forward(self, prepared) -> np.ndarray:
         count, batches = prepared

@@ -2,7 +2,7 @@
 """One short GPU run that checks the varlen-attention kernel the way TensorRT will run it.
 
     python scripts/gpu_kernel_check.py OUT_DIR            # on a GPU machine (<= 5 min on an H100)
-    python scripts/gpu_kernel_check.py OUT_DIR --dry-run  # on a CPU: arguments, AOT compile, JSON
+    python scripts/gpu_kernel_check.py OUT_DIR --dry-run  # on a CPU: every step, stand-ins for CUDA
 
 Needs torch and triton (no TensorRT, no network, no flash-attn, no install of this repo: the repo root,
 plugins/ and runtimes/ are put on sys.path here). Writes OUT_DIR/gpu_kernel_check.json after every step, so a
@@ -10,15 +10,22 @@ failure or a timeout still leaves the steps before it; every step records its ow
 goes on.
 
 1. AOT: compile the PTX for this GPU's arch with ettin_plugins.aot, at the PTX ISA version the build
-   would choose for this driver (ettin_export.tensorrt_build.kernel_ptx_version; 8.0, sm_90a's floor,
-   on --dry-run), and check the entry contract: exactly the declared parameters, one name per variant.
+   would choose for this driver (ettin_export.engine.tensorrt.kernel_ptx_version; 8.0, sm_90a's floor,
+   for the dry run's stand-in CUDA 12.0 driver), and check the entry contract: exactly the declared parameters, one name per variant.
 2. Launch that PTX as TensorRT does: the driver JIT-loads it (cuModuleLoadData) and cuLaunchKernel
    passes the declared arguments only, grid/block/shared memory from the shape formulas (cuda-python,
    else CuPy, else libcuda via ctypes).
 3. Accuracy, bf16 (plus fp16): max |kernel - fp32 reference| per case, beside PyTorch's own bf16
    attention error on the same inputs; passes when kernel <= 2 x PyTorch (flash-attention's rule).
 4. Speed at pair lengths 128, 512, 2048 (~64k packed tokens), local and global, as PyTorch varlen
-   flash time / kernel time (> 1: the kernel is faster), medians of CUDA-event timings.
+   flash time / kernel time (> 1: the kernel is faster), medians of CUDA-event timings. Started while
+   --budget-s, counted from the end of the imports, lasts.
+
+--dry-run walks the same steps, case names and report keys on a CPU: every CUDA action goes through
+ettin_export.parity.devices' stand-ins (a launcher that checks each bound argument and the grid against
+the kernel's formulas, then writes the fp32 reference), plus an fp32 case in Triton's interpreter. Its
+errors and timings say nothing about the kernel; that it ends with no failed step says the GPU run will
+not stop on a typo.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ WINDOWS = (64, -1)  # Ettin's local half-width, and global
 class _Launcher:
     name = "?"
 
-    def prepare(self, kernel, args, grid, block, shared, stream):
+    def prepare(self, kernel, args, grid, block, shared, stream, **_):
         """Load once, pack once; return a zero-argument callable that only launches."""
         raise NotImplementedError
 
@@ -76,7 +83,7 @@ class CudaPythonLauncher(_Launcher):
             raise RuntimeError(f"CUDA driver error {err}: {self.cu.cuGetErrorString(err)}")
         return rest[0] if len(rest) == 1 else rest
 
-    def prepare(self, kernel, args, grid, block, shared, stream):
+    def prepare(self, kernel, args, grid, block, shared, stream, **_):
         np, cu = self.np, self.cu
         if kernel.ptx not in self.modules:
             image = np.frombuffer(kernel.ptx.encode() + b"\0", dtype=np.uint8)
@@ -103,7 +110,7 @@ class CupyLauncher(_Launcher):
 
         self.cupy, self.np, self.functions = cupy, np, {}
 
-    def prepare(self, kernel, args, grid, block, shared, stream):
+    def prepare(self, kernel, args, grid, block, shared, stream, **_):
         if kernel.ptx not in self.functions:
             module = self.cupy.cuda.function.Module()
             module.load(kernel.ptx.encode() + b"\0")
@@ -136,7 +143,7 @@ class LibcudaLauncher(_Launcher):
             self.lib.cuGetErrorString(rc, ctypes.byref(text))
             raise RuntimeError(f"CUDA driver error {rc}: {(text.value or b'?').decode()}")
 
-    def prepare(self, kernel, args, grid, block, shared, stream):
+    def prepare(self, kernel, args, grid, block, shared, stream, **_):
         if kernel.ptx not in self.functions:
             module, function = ctypes.c_void_p(), ctypes.c_void_p()
             self._check(self.lib.cuModuleLoadData(ctypes.byref(module), kernel.ptx.encode()))
@@ -156,7 +163,7 @@ class LibcudaLauncher(_Launcher):
 LAUNCHERS = (CudaPythonLauncher, CupyLauncher, LibcudaLauncher)
 
 
-def aot_call(launcher, kernel, q, k, v, cu_seqlens, out, torch):
+def aot_call(launcher, kernel, q, k, v, cu_seqlens, out, dev):
     """Bind the declared arguments exactly as TensorRT does (inputs, extra int32 scalars, outputs;
     nothing for the hidden trailing parameters) and return the launch callable."""
     from ettin_plugins import aot
@@ -170,23 +177,11 @@ def aot_call(launcher, kernel, q, k, v, cu_seqlens, out, torch):
             args.append(("ptr", tensors[param.name].data_ptr()))
         else:
             args.append(("i32", int(next(scalar_values))))
-    stream = torch.cuda.current_stream().cuda_stream
-    return launcher.prepare(
-        kernel, args, kernel.launch.grid(total, pairs, heads), kernel.launch.block(), kernel.launch.shared_mem, stream
-    )
+    return launcher.prepare(kernel, args, kernel.launch.grid(total, pairs, heads), kernel.launch.block(),
+                            kernel.launch.shared_mem, dev.stream(), tensors=tensors)
 
 
 # --- PyTorch baselines ----------------------------------------------------------------------------------
-
-
-def torch_varlen(torch):
-    """(varlen_attn, its signature, whether it takes window_size), or None when absent."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    signature = inspect.signature(varlen_attn)
-    return varlen_attn, str(signature), "window_size" in signature.parameters
 
 
 def run_torch_varlen(baseline, q, k, v, cu_seqlens, max_len, window):
@@ -225,30 +220,28 @@ def environment(torch, entry):
             entry.setdefault("optional_modules", []).append(module)
 
 
-def build_ptx_version(target: str, entry: dict) -> int:
+def build_ptx_version(dev, target: str, entry: dict) -> int:
     """The PTX ISA `ettin-export build` would compile with on this machine: the same function, from the
-    driver's CUDA version (libcuda) and this Triton's default."""
+    driver's CUDA version (libcuda; the stand-in's CUDA 12.0 on a dry run) and this Triton's default."""
     from ettin_export.engine.tensorrt import kernel_ptx_version
-    from ettin_runtime.backends.tensorrt import probe_gpu
 
-    gpu = probe_gpu(0)
+    gpu = dev.probe_gpu()
     entry["driver"] = {"version": gpu.driver_version, "cuda": gpu.cuda_version}
     return kernel_ptx_version(gpu, target)
 
 
-def make_case(torch, lengths, heads, dtype, device, generator):
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    q, k, v = (torch.randn(sum(lengths), heads, 64, generator=generator).to(device=device, dtype=dtype) for _ in range(3))
+def make_case(torch, lengths, heads, dtype, dev, generator):
+    cu = dev.put(torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32))
+    q, k, v = (dev.put(torch.randn(sum(lengths), heads, 64, generator=generator).to(dtype)) for _ in range(3))
     return q, k, v, cu, max(lengths)
 
 
-def check_accuracy(torch, entry, kernels, launcher, baseline, lengths, window, dtype, heads, generator):
+def check_accuracy(torch, dev, entry, kernels, launcher, baseline, lengths, window, dtype, heads, generator):
     from ettin_export.model.attention import reference_varlen_attention
     from ettin_export.parity.kernel import lowp_attention
     from ettin_export.targets import KERNEL_BOUNDS
-    from ettin_plugins.kernel import varlen_attention
 
-    q, k, v, cu, max_len = make_case(torch, lengths, heads, dtype, "cuda", generator)
+    q, k, v, cu, max_len = make_case(torch, lengths, heads, dtype, dev, generator)
     reference = reference_varlen_attention(q.float(), k.float(), v.float(), cu, window)
     err = lambda out: (out.float() - reference).abs().max().item()  # noqa: E731
     entry.update(pairs=len(lengths), tokens=int(cu[-1]), window=window, dtype=str(dtype))
@@ -256,13 +249,10 @@ def check_accuracy(torch, entry, kernels, launcher, baseline, lengths, window, d
     errors = {}
     for tactic, kernel in kernels.items():
         out = torch.full_like(q, float("nan"))  # a tile the kernel misses stays NaN
-        aot_call(launcher, kernel, q, k, v, cu, out, torch)()
-        torch.cuda.synchronize()
+        aot_call(launcher, kernel, q, k, v, cu, out, dev)()
+        dev.synchronize()
         errors[f"aot_tactic_{tactic}"] = err(out)
-    default = kernels[min(kernels)]
-    jit = varlen_attention(q, k, v, cu, window, block_m=default.config.block_m, block_n=default.config.block_n,
-                           num_warps=default.config.num_warps, num_stages=default.config.num_stages)
-    errors["triton_jit"] = err(jit)
+    errors["triton_jit"] = err(dev.jit_attention(q, k, v, cu, window, kernels[min(kernels)].config))
     errors["torch_sdpa"] = err(lowp_attention(q, k, v, cu, window))
     if baseline is not None:
         try:
@@ -280,45 +270,23 @@ def check_accuracy(torch, entry, kernels, launcher, baseline, lengths, window, d
     entry["ok_override"] = entry["pass"]
 
 
-def cuda_time_ms(torch, fn, warmup: int, runs: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        # Keep the GPU busy while Python enqueues, so host-side launch cost is not counted.
-        if hasattr(torch.cuda, "_sleep"):
-            torch.cuda._sleep(200_000)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def check_speed(torch, entry, kernels, launcher, baseline, length, window, heads, tokens, runs, generator):
-    from ettin_plugins.kernel import varlen_attention
-
+def check_speed(torch, dev, entry, kernels, launcher, baseline, length, window, heads, tokens, runs, generator):
     pairs = max(1, tokens // length)
-    q, k, v, cu, max_len = make_case(torch, [length] * pairs, heads, torch.bfloat16, "cuda", generator)
+    q, k, v, cu, max_len = make_case(torch, [length] * pairs, heads, torch.bfloat16, dev, generator)
     out = torch.empty_like(q)
     entry.update(pair_length=length, pairs=pairs, tokens=int(cu[-1]), heads=heads, window=window, runs=runs)
     timings = {}
     for tactic, kernel in kernels.items():
-        timings[f"aot_tactic_{tactic}"] = cuda_time_ms(torch, aot_call(launcher, kernel, q, k, v, cu, out, torch), 5, runs)
+        timings[f"aot_tactic_{tactic}"] = dev.time_ms(aot_call(launcher, kernel, q, k, v, cu, out, dev), 5, runs)
     default = kernels[min(kernels)].config
-    timings["triton_jit"] = cuda_time_ms(
-        torch, lambda: varlen_attention(q, k, v, cu, window, block_m=default.block_m, block_n=default.block_n,
-                                        num_warps=default.num_warps, num_stages=default.num_stages), 5, runs)
+    timings["triton_jit"] = dev.time_ms(lambda: dev.jit_attention(q, k, v, cu, window, default), 5, runs)
     if baseline is not None:
         if window < 0 or baseline[2]:
-            timings["torch_varlen_attn"] = cuda_time_ms(
-                torch, lambda: run_torch_varlen(baseline, q, k, v, cu, max_len, window), 5, runs)
+            timings["torch_varlen_attn"] = dev.time_ms(
+                lambda: run_torch_varlen(baseline, q, k, v, cu, max_len, window), 5, runs)
         else:  # no local varlen in this torch: its global attention is the closest fast baseline
-            timings["torch_varlen_attn_global"] = cuda_time_ms(
-                torch, lambda: run_torch_varlen(baseline, q, k, v, cu, max_len, -1), 5, runs)
+            timings["torch_varlen_attn_global"] = dev.time_ms(
+                lambda: run_torch_varlen(baseline, q, k, v, cu, max_len, -1), 5, runs)
     entry["median_ms"] = timings
     best_tactic = min((key for key in timings if key.startswith("aot_")), key=timings.get)
     entry["best_aot"] = best_tactic
@@ -359,15 +327,17 @@ def interpreter_smoke(seed: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="folder for gpu_kernel_check.json (created if missing)")
-    parser.add_argument("--dry-run", action="store_true", help="CPU: AOT compile + a tiny interpreter case, no launches")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU: every step with stand-ins for CUDA (ettin_export.parity.devices), small cases")
     parser.add_argument("--target", default=None, help="compile target (default: this GPU; sm_90a on --dry-run)")
     parser.add_argument("--ptx-version", type=int, default=None,
                         help="PTX ISA as Triton writes it, e.g. 84 (default: what the build would choose for this "
-                        "driver; 80 on --dry-run)")
-    parser.add_argument("--heads", type=int, default=12, help="heads for the speed runs (Ettin 150m: 12)")
-    parser.add_argument("--tokens", type=int, default=65536, help="packed tokens per speed run")
+                        "driver; 80 on --dry-run, whose stand-in driver is CUDA 12.0)")
+    parser.add_argument("--heads", type=int, default=None, help="heads for the speed runs (Ettin 150m: 12; dry run 2)")
+    parser.add_argument("--tokens", type=int, default=None, help="packed tokens per speed run (65536; dry run 1024)")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per measurement (median)")
-    parser.add_argument("--budget-s", type=float, default=240, help="skip speed runs after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=240,
+                        help="start no speed step after this many seconds, counted from the end of the imports")
     parser.add_argument("--seed", type=int, default=None, help="input seed (default: fresh)")
     args = parser.parse_args(argv)
     if args.runs < 20:
@@ -375,23 +345,29 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: this script compiles the kernel (the CPU check runs in a child process)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(args.out_dir / "gpu_kernel_check.json")
+    report = Report(args.out_dir / "gpu_kernel_check.json", args.budget_s)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     report.data["args"] = {**vars(args), "out_dir": str(args.out_dir), "seed": seed}
 
     import torch
 
+    from ettin_export.parity.devices import device_for
+    from ettin_export.parity.kernel import TILE_EDGES, awkward_attention_cases
+    from ettin_plugins import aot
+
     with report.step("environment") as entry:
         environment(torch, entry)
-    has_gpu = torch.cuda.is_available() and not args.dry_run
+    report.start_budget()  # imports (torch, triton) are not the steps' time
+    dev = device_for(torch, args.dry_run)
+    report.data["device"] = dev.name
+    tokens = args.tokens or (1024 if dev.dry_run else 65536)
+    heads = args.heads or (2 if dev.dry_run else 12)
 
-    kernels = {}  # window -> {tactic: CompiledKernel}
+    kernels = {}  # (dtype, window) -> {tactic: CompiledKernel}
     with report.step("aot_compile") as entry:
-        from ettin_plugins import aot
-
-        target = args.target or ("sm_%d%d" % torch.cuda.get_device_capability() if has_gpu else "sm_90a")
+        target = args.target or ("sm_90a" if dev.dry_run else "sm_%d%d" % torch.cuda.get_device_capability())
         entry["target_requested"] = target
-        ptx_version = args.ptx_version or (build_ptx_version(target, entry) if has_gpu else aot.min_ptx_version(target))
+        ptx_version = args.ptx_version or build_ptx_version(dev, target, entry)
         entry["ptx_version_requested"] = aot.ptx_version_text(ptx_version)
         entry["triton_default_ptx_version"] = aot.ptx_version_text(aot.triton_default_ptx_version(target))
         for dtype in ("bf16", "fp16"):
@@ -417,18 +393,11 @@ def main(argv=None) -> int:
         sample = kernels[("bf16", 64)][min(aot.TACTICS)]
         (args.out_dir / f"varlen_attention_{sample.target}_bf16_window64.ptx").write_text(sample.ptx)
 
-    if not has_gpu:
+    if dev.dry_run:  # the only real kernel numerics a CPU can give: Triton's interpreter, fp32
         with report.step("interpreter_smoke_fp32") as entry:
             entry.update(interpreter_smoke(seed))
-        for name in ("launcher", "accuracy", "speed"):
-            report.skip(name, "no CUDA device (or --dry-run): nothing to launch")
-        failed = [n for n, s in report.data["steps"].items() if s.get("ok") is False]
-        report.data["summary"] = {"dry_run": True, "steps_failed": failed}
-        report.write()
-        print(json.dumps(report.data["summary"]))
-        return 0
 
-    baseline = torch_varlen(torch)
+    baseline = dev.torch_varlen()
     report.data["torch_varlen_attn"] = (
         {"signature": baseline[1], "window_size": baseline[2]} if baseline
         else "absent: torch.nn.attention.varlen.varlen_attn not importable"
@@ -438,14 +407,14 @@ def main(argv=None) -> int:
         from ettin_export.model.attention import reference_varlen_attention
 
         generator = torch.Generator().manual_seed(seed)
-        q, k, v, cu, _ = make_case(torch, [3, 130, 64], 4, torch.bfloat16, "cuda", generator)
+        q, k, v, cu, _ = make_case(torch, [3, 130, 64], 4, torch.bfloat16, dev, generator)
         expected = reference_varlen_attention(q.float(), k.float(), v.float(), cu, 64)
-        for candidate in LAUNCHERS:
+        for candidate in dev.launchers(LAUNCHERS):
             try:
                 trial = candidate()
                 out = torch.full_like(q, float("nan"))
-                aot_call(trial, kernels[("bf16", 64)][min(kernels[("bf16", 64)])], q, k, v, cu, out, torch)()
-                torch.cuda.synchronize()
+                aot_call(trial, kernels[("bf16", 64)][min(kernels[("bf16", 64)])], q, k, v, cu, out, dev)()
+                dev.synchronize()
                 error = (out.float() - expected).abs().max().item()
                 entry.setdefault("tried", {})[candidate.name] = {"max_error": error}
                 if math.isfinite(error) and error < 0.05:
@@ -459,41 +428,38 @@ def main(argv=None) -> int:
 
     if launcher is not None:
         generator = torch.Generator().manual_seed(seed)
-        from ettin_export.parity.kernel import awkward_attention_cases
-
-        cases = awkward_attention_cases(seed)
+        cases = awkward_attention_cases(seed, small=dev.dry_run)
         target = report.data["steps"]["aot_compile"]["target_requested"]
         for name, lengths in cases.items():
             for window in (64, -1, 3):
                 # window 3 has no precompiled kernels above: compile it here (bf16, every tactic).
                 if ("bf16", window) not in kernels:
-                    from ettin_plugins import aot
-
                     ptx_version = aot.ptx_version_number(report.data["steps"]["aot_compile"]["ptx_version_requested"])
                     kernels[("bf16", window)] = {
                         t: aot.compile_varlen_attention("bf16", window, target, c, ptx_version=ptx_version)
                         for t, c in aot.TACTICS.items()
                     }
                 with report.step(f"accuracy/bf16/{name}/window{window}") as entry:
-                    check_accuracy(torch, entry, kernels[("bf16", window)], launcher, baseline, lengths, window,
+                    check_accuracy(torch, dev, entry, kernels[("bf16", window)], launcher, baseline, lengths, window,
                                    torch.bfloat16, 12, generator)
         for window in WINDOWS:
-            with report.step(f"accuracy/fp16/edges_63_to_129/window{window}") as entry:
-                check_accuracy(torch, entry, kernels[("fp16", window)], launcher, baseline,
-                               cases["edges_63_to_129"], window, torch.float16, 12, generator)
+            with report.step(f"accuracy/fp16/{TILE_EDGES}/window{window}") as entry:
+                check_accuracy(torch, dev, entry, kernels[("fp16", window)], launcher, baseline,
+                               cases[TILE_EDGES], window, torch.float16, 12, generator)
 
         for length in SPEED_LENGTHS:
             for window in WINDOWS:
                 name = f"speed/L{length}/window{window}"
-                if time.time() - report.t0 > args.budget_s:
-                    report.skip(name, f"time budget of {args.budget_s} s spent")
+                if report.remaining() <= 0:
+                    report.skip(name, f"time budget of {args.budget_s} s after the imports spent")
                     continue
                 with report.step(name) as entry:
-                    check_speed(torch, entry, kernels[("bf16", window)], launcher, baseline, length, window,
-                                args.heads, args.tokens, args.runs, generator)
+                    check_speed(torch, dev, entry, kernels[("bf16", window)], launcher, baseline, length, window,
+                                heads, tokens, args.runs, generator)
 
     steps = report.data["steps"]
     report.data["summary"] = {
+        "dry_run": dev.dry_run,
         "launcher": launcher.name if launcher else None,
         "accuracy_pass": {n: s.get("pass") for n, s in steps.items() if n.startswith("accuracy/")},
         "speedup_vs_torch": {

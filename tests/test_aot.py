@@ -10,6 +10,7 @@ import types
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ettin_plugins import aot, spec, trt_plugin  # neither imports triton or tensorrt until used
@@ -407,3 +408,52 @@ def test_register_with_real_tensorrt():
     import tensorrt.plugin as trtp
 
     assert hasattr(getattr(trtp.op, spec.PLUGIN_NAMESPACE), spec.OP_NAME)
+
+
+# --- attributes as TensorRT hands them to the plugin ---------------------------------------------------
+
+
+def _tensorrt_attribute(annotation, data: np.ndarray):
+    """How tensorrt.plugin's creator rebuilds one attribute (_TemplatePluginCreator.create_plugin, the
+    same in TensorRT 10.9 ... 11.1 and HEAD): an `npt.NDArray[dtype]` annotation gets `data.astype(dtype)`,
+    str gets the bytes decoded, any other annotation is called on the data. `data` is the field's buffer
+    as the Python bindings expose it: always a 1-D array."""
+    if typing.get_origin(annotation) is np.ndarray:
+        return data.astype(typing.get_args(typing.get_args(annotation)[1])[0])
+    if annotation is str:
+        return data.tobytes().decode()
+    return annotation(data)
+
+
+def _fields_from_onnx_node(window: int) -> dict:
+    """The plugin fields the ONNX parser builds from the node (onnx-tensorrt loadFields): an INT
+    attribute becomes one kINT32 element."""
+    return {"window": np.array([window], dtype=np.int32)}
+
+
+@requires_triton
+@pytest.mark.parametrize("window", [64, -1, 3])
+def test_window_reaches_the_plugin_as_tensorrt_marshals_it(fake_tensorrt, window):
+    """Fails with `int(1-D array)` (TypeError on NumPy >= 2.4) if the attribute is annotated `int`."""
+    trt_plugin.register("sm_90a")
+    register_fn = fake_tensorrt.recorded["register"][1]
+    aot_impl = fake_tensorrt.recorded["aot_impl"][1]
+    annotations = {name: p.annotation for name, p in inspect.signature(register_fn).parameters.items()}
+    # tensorrt.plugin refuses an aot_impl whose attribute annotation differs from the registration's.
+    assert inspect.signature(aot_impl).parameters["window"].annotation == annotations["window"]
+    attrs = {name: _tensorrt_attribute(annotations[name], data) for name, data in _fields_from_onnx_node(window).items()}
+    q, cu_seqlens = _FakeTensorDesc((300, 12, 64), "BF16"), _FakeTensorDesc((3,), "INT32")
+    name, _, _, _ = aot_impl(q, q, q, cu_seqlens, attrs["window"], (q.like(),), 1)
+    assert name == aot.entry_name("bf16", window, 64, aot.TACTICS[1])
+
+
+@pytest.mark.parametrize("value, expected", [(64, 64), (np.array([64], np.int32), 64), (np.array(-1), -1),
+                                             (np.array([3], np.int64), 3)])
+def test_window_value_unwraps_one_integer(value, expected):
+    assert trt_plugin.window_value(value) == expected and type(trt_plugin.window_value(value)) is int
+
+
+@pytest.mark.parametrize("value", [np.array([64, 64], np.int32), np.array([], np.int32), np.array([1.5])])
+def test_window_value_refuses_anything_but_one_integer(value):
+    with pytest.raises(ValueError, match="window attribute must be one integer"):
+        trt_plugin.window_value(value)

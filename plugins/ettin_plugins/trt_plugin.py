@@ -7,10 +7,19 @@ embeds the PTX and runs without Python. AOT only: there is no JIT implementation
 
 Importable without TensorRT; `register()` imports it. No `from __future__ import annotations` here:
 tensorrt.plugin inspects the annotations as classes (issubclass), not strings.
+
+The `window` attribute is declared as a 1-D int32 array, not `int`: TensorRT's plugin creator rebuilds a
+built-in-typed attribute as `annotation(field.data)`, and `field.data` is always a 1-D array (the ONNX
+parser hands an INT attribute over as one kINT32 element), which NumPy >= 2.4 refuses to turn into an int.
+An array-typed attribute is rebuilt as `field.data.astype(dtype)` on every TensorRT and NumPy, as in
+NVIDIA's own AOT sample; `window_value` unwraps it.
 """
 
 import inspect
 from typing import List, Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
 
 from ettin_runtime.errors import MissingDependency
 
@@ -22,6 +31,18 @@ _INSTALL_HINT = (
     "plugins), or use an NGC TensorRT / PyTorch container. PyPI alone only has a placeholder."
 )
 _state = {"registered": False, "target": None, "ptx_version": None}
+
+# The plugin's attribute type (one int32 per attribute, as the ONNX parser sends an INT attribute).
+IntAttribute = npt.NDArray[np.int32]
+
+
+def window_value(window) -> int:
+    """The window half-width from what TensorRT passes for the attribute: a 1-element integer array
+    (a plain int is taken too, for direct calls)."""
+    values = np.asarray(window)
+    if values.size != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"VarlenAttention's window attribute must be one integer; TensorRT passed {window!r}.")
+    return int(values.reshape(-1)[0])
 
 
 def offered_tactics() -> list:
@@ -59,7 +80,7 @@ def _descriptor(TensorDesc):
     inputs and attributes: the ONNX node must carry exactly these attributes."""
 
     def varlen_attention_desc(
-        q: TensorDesc, k: TensorDesc, v: TensorDesc, cu_seqlens: TensorDesc, window: int
+        q: TensorDesc, k: TensorDesc, v: TensorDesc, cu_seqlens: TensorDesc, window: IntAttribute
     ) -> TensorDesc:
         return q.like()  # [T, H, D] in q's dtype
 
@@ -148,8 +169,8 @@ def register(target: Union[str, int, None] = None, ptx_version: Union[int, None]
 
     @trtp.aot_impl(spec.PLUGIN_ID)
     def varlen_attention_aot_impl(
-        q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, cu_seqlens: trtp.TensorDesc, window: int,
-        outputs: Tuple[trtp.TensorDesc], tactic: int,
+        q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, cu_seqlens: trtp.TensorDesc,
+        window: IntAttribute, outputs: Tuple[trtp.TensorDesc], tactic: int,
     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
         if q.dtype not in dtype_names:
             raise TypeError(f"VarlenAttention supports bf16, fp16 and fp32 q/k/v; TensorRT asked for {q.dtype}.")
@@ -158,7 +179,7 @@ def register(target: Union[str, int, None] = None, ptx_version: Union[int, None]
             raise ValueError("VarlenAttention needs a static head dimension (q's last axis); it is dynamic here.")
         # Tactic 0 is TensorRT's default when no custom tactic is chosen.
         config = aot.TACTICS.get(int(tactic), aot.TACTICS[min(aot.TACTICS)])
-        kernel = aot.compile_varlen_attention(dtype_names[q.dtype], int(window), _resolve_target(), config, head_dim,
+        kernel = aot.compile_varlen_attention(dtype_names[q.dtype], window_value(window), _resolve_target(), config, head_dim,
                                               _state["ptx_version"])
         aot.verify_entry(kernel)  # exactly the parameters TensorRT passes, under this variant's own name
 

@@ -8,6 +8,7 @@ COMMANDS = {
     "build": ("ettin_export.commands.build", "export a reranker to a parity-checked artifact folder"),
     "verify": ("ettin_export.commands.verify", "parity report of an artifact against its reference model"),
     "bench": ("ettin_export.commands.bench", "pairs/s of an artifact or model against the sentence-transformers baseline"),
+    "eval": ("ettin_export.commands.eval", "NDCG@10, MRR@10, Recall@k of a reranker on a BEIR folder, beside CrossEncoder"),
     "bench-serving": ("ettin_export.commands.bench_serving",
                       "pairs/s of in-process, Triton gRPC, /v1/rerank and the front alone on the same requests"),
     "deploy": ("ettin_export.commands.deploy", "generate a Triton Inference Server model repository from an artifact"),

@@ -303,3 +303,25 @@ def test_eval_cli_on_a_tiny_artifact(tiny_artifact, tiny_checkpoint, beir, tmp_p
     table = capsys.readouterr().out
     assert "3 queries evaluated (1 without qrels skipped), 6 candidate pairs (top 2 per query)" in table
     assert "first stage: TREC run run.trec" in table and "recall@2" in table and "CrossEncoder" not in table
+
+
+def test_eval_cli_on_a_checkpoint(tiny_checkpoint, beir, capsys):
+    """A checkpoint: the packed PyTorch model is the reranker and CrossEncoder runs the same checkpoint."""
+    assert main(["eval", str(tiny_checkpoint), "--data", str(beir), "--json", "--top-k", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["reranker"]["model"]["kind"] == "checkpoint" and report["crossencoder"] is not None
+    assert report["recall_at"] == [3] and "recall@3" in report["reranker"]
+    assert report["agreement"]["spearman"] > 0.99
+
+
+def test_an_artifact_from_the_hub_is_compared_only_with_reference(monkeypatch):
+    from types import SimpleNamespace
+
+    from ettin_export.commands.eval import _artifact_reference
+
+    artifact = SimpleNamespace(source=SimpleNamespace(model="org/not-here", random_size=None))
+    notes: list[str] = []
+    args = SimpleNamespace(no_reference=False, reference=None)
+    assert _artifact_reference(args, artifact, notes) is None
+    assert "not a local folder" in notes[0] and "--reference" in notes[0]
+    assert _artifact_reference(SimpleNamespace(no_reference=True, reference=None), artifact, []) is None

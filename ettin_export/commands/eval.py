@@ -146,8 +146,8 @@ def _progress(steps, quiet: bool):
         return contextlib.nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
-                    TimeElapsedColumn(), console=steps.console)
+    return Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=steps.console)
 
 
 def run(args) -> int:
@@ -169,8 +169,13 @@ def run(args) -> int:
     steps.note(f"{len(data.corpus)} documents, {len(data.queries)} queries: {len(data.qrels)} with qrels evaluated, "
                f"{skipped} without skipped")
     first_stage = f"TREC run {Path(args.run).name}" if args.run else "BM25 (bm25s)"
-    with steps.step(f"first stage: {first_stage}, top {args.top_k} per query"):
-        candidates = first_stage_candidates(data, args.top_k, run_candidates)
+    if args.run or args.json:
+        with steps.step(f"first stage: {first_stage}, top {args.top_k} per query"):
+            candidates = first_stage_candidates(data, args.top_k, run_candidates)
+    else:  # a bar, not a step: rich shows one live display at a time (a step's spinner is one)
+        with _progress(steps, False) as bar:
+            task = bar.add_task(f"first stage: {first_stage}, top {args.top_k}", total=len(data.qrels), unit="queries")
+            candidates = first_stage_candidates(data, args.top_k, progress=lambda done, _: bar.update(task, completed=done))
     empty = sum(1 for scored in candidates.values() if not scored)
     if empty:
         notes.append(f"{empty} evaluated queries have no candidates (they count with 0 for every metric)")
@@ -185,7 +190,7 @@ def run(args) -> int:
             def progress(system, total):
                 if bar is None:
                     return None
-                task = bar.add_task(f"scoring with {system.name}", total=total)
+                task = bar.add_task(f"scoring with {system.name}", total=total, unit="pairs")
                 return lambda pairs: bar.advance(task, pairs)
 
             report = evaluate(data, candidates, systems, recall_at, first_stage_name=first_stage, progress=progress)

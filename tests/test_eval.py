@@ -325,3 +325,9 @@ def test_an_artifact_from_the_hub_is_compared_only_with_reference(monkeypatch):
     assert _artifact_reference(args, artifact, notes) is None
     assert "not a local folder" in notes[0] and "--reference" in notes[0]
     assert _artifact_reference(SimpleNamespace(no_reference=True, reference=None), artifact, []) is None
+
+
+def test_a_missing_metric_library_is_refused_before_any_work(beir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pytrec_eval", None)
+    err = refusal(capsys, ["eval", "--size", "17m", "--random-weights", "--data", str(beir)])
+    assert 'pip install "pytrec-eval-terrier>=0.5.6"' in err and "reading" not in err

@@ -150,6 +150,15 @@ def _progress(steps, quiet: bool):
                     TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=steps.console)
 
 
+def _libraries_first(bm25: bool) -> None:
+    """Refuse a missing metric (or BM25) library before any reading or model loading, with its pip line."""
+    from ettin_export.evaluation import bm25, metrics
+
+    metrics._pytrec_eval()
+    if bm25:
+        bm25._libraries()
+
+
 def run(args) -> int:
     from ettin_export.evaluation.beir import load_beir, read_run
     from ettin_export.evaluation.bm25 import BM25_SETTINGS
@@ -158,6 +167,7 @@ def run(args) -> int:
     from ettin_export.progress import Steps
 
     _check_arguments(args)
+    _libraries_first(bm25=not args.run)
     started = time.perf_counter()
     recall_at = args.recall_at or [args.top_k]
     steps = Steps(f"ettin-export eval {args.model or args.size} --data {args.data}", quiet=args.json)

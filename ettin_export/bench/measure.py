@@ -255,6 +255,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The x86 features that decide CPU speed and numerics here: AVX2/AVX-512 (fp32 GEMM width), VNNI (int8
+# dot products without int16 pair sums), AVX512_BF16 / AMX (native bf16).
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> list[str]:
+    """Those of CPU_FEATURES this CPU reports (/proc/cpuinfo), in that order; [] where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [name for name in CPU_FEATURES if name in flags]
+    except OSError:
+        pass
+    return []
+
+
+def cpu_description() -> str:
+    """e.g. 'AMD EPYC (avx2 fma), 2 cores': what a CPU figure is quoted with."""
+    return f"{cpu_name()} ({' '.join(cpu_features()) or 'features unknown'}), {os.cpu_count()} cores"
+
+
 def gpu_peak(device_name: str | None, precision: str, override: float | None) -> float | None:
     if override is not None:
         return override
@@ -335,7 +357,10 @@ def format_report(report: dict) -> str:
     lines = [
         f"ettin-export bench: {report['model'].get('source')} ({report['model']['num_layers']} layers, hidden "
         f"{report['model']['hidden_size']})",
-        f"  machine    {machine['device']}, {machine['cores']} cores, {machine['threads']} threads"
+        f"  machine    {machine['device']}"
+        + (f" ({' '.join(machine['cpu_features']) or 'no listed features'})" if machine.get("cpu_features") is not None
+           and not machine.get("gpu") else "")
+        + f", {machine['cores']} cores, {machine['threads']} threads"
         + (f"  [LOADED during {report['loaded_runs_kept']} runs]" if machine["loaded"] else "")
         + (f"  ({report['retried_runs']} runs measured again: the machine was busy)" if report["retried_runs"] else ""),
         f"  pairs      {lengths['pairs']} ({lengths['description']}), mean {lengths['pair_tokens']['mean']:.1f} "

@@ -26,6 +26,7 @@ from ettin_export.bench.measure import (
     MachineLoad,
     RerankerContender,
     Setup,
+    cpu_features,
     cpu_name,
     format_report,
     gpu_peak,
@@ -207,7 +208,7 @@ def run(args) -> int:
         "command": command_line(args),
         "reliable": reliable,
         "machine": {
-            "device": device_name, "cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu,
+            "device": device_name, "cpu": cpu_name(), "cpu_features": cpu_features(), "cores": os.cpu_count(), "gpu": gpu,
             "threads": args.threads or os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), **load.finish(measured["loaded_runs_kept"]),
         },

@@ -1,0 +1,53 @@
+"""The int8 peer on the CPU: ONNX Runtime's dynamic int8 quantization of the padded export of the
+CrossEncoder modules (bench.openvino_padded.export_padded), on CrossEncoder's own padded, length-sorted
+batches — what a user gets from sentence-transformers' ONNX backend with a dynamically quantized model
+(`quantize_dynamic` with its defaults: int8 weights per tensor, full 8-bit range, uint8 activations per
+batch). Its fp32 export is checked against CrossEncoder before it is quantized.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ettin_export.bench.measure import CrossEncoderContender
+from ettin_export.bench.openvino_padded import MAX_SCORE_DIFF_F32, export_padded
+
+
+class OnnxRuntimeInt8PaddedContender(CrossEncoderContender):
+    def __init__(self, path: str, max_length: int, batch_size: int | str, log=lambda message: None):
+        import onnxruntime
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        super().__init__(path, max_length, batch_size, "cpu", "float32")
+        self._folder = tempfile.TemporaryDirectory(prefix="ettin-padded-int8-")
+        folder = Path(self._folder.name)
+        log("exporting the padded peer graph (torch.onnx) and quantizing it (ONNX Runtime dynamic int8) ...")
+        fp32 = export_padded(self.model, folder / "padded.onnx")
+        self.session = onnxruntime.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+        from ettin_export.synthetic.text import random_pairs
+
+        sample = random_pairs(12, seed=5)
+        worst = float(np.max(np.abs(self.predict(sample) - CrossEncoderContender.predict(self, sample))))
+        if worst > MAX_SCORE_DIFF_F32:
+            raise RuntimeError(f"the padded export differs from CrossEncoder by {worst:.3g} in fp32: not a fair peer.")
+        quantize_dynamic(str(fp32), str(folder / "padded-int8.onnx"), weight_type=QuantType.QInt8)
+        self.session = onnxruntime.InferenceSession(str(folder / "padded-int8.onnx"), providers=["CPUExecutionProvider"])
+        self.description = {**self.description, "kind": "ONNX Runtime dynamic int8 on a padded ONNX export of the "
+                            "CrossEncoder modules", "version": onnxruntime.__version__,
+                            "recipe": "quantize_dynamic defaults (QInt8 weights per tensor, 8-bit range)",
+                            "fp32_export_max_abs_diff_vs_crossencoder": worst}
+
+    def predict(self, pairs, batch_size: int | None = None) -> np.ndarray:
+        return self.forward(self.prepare(pairs, batch_size))
+
+    def forward(self, prepared) -> np.ndarray:
+        count, batches = prepared
+        scores = np.empty(count, dtype=np.float32)
+        for indices, features in batches:
+            out = self.session.run(None, {"input_ids": features["input_ids"].numpy(),
+                                          "attention_mask": features["attention_mask"].numpy()})[0]
+            scores[indices] = np.asarray(out, dtype=np.float32).reshape(-1)
+        return scores

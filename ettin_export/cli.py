@@ -7,7 +7,9 @@ runtime-only install."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -19,6 +21,10 @@ from ettin_export.commands import COMMANDS
 
 EXIT_REFUSED = 2
 EXIT_BUG = 3
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as for any Unix tool whose reader went away (`| head`)
+# What the [export] extra installs: a command that needs one of them on a runtime-only install is told so.
+EXPORT_MODULES = {"torch", "transformers", "sentence_transformers", "safetensors", "huggingface_hub", "onnx",
+                  "onnxscript", "rich"}
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -49,7 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     command = importlib.import_module(COMMANDS[args.command][0])
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
-        return command.run(args) or 0
+        status = command.run(args) or 0
+        sys.stdout.flush()  # inside: a reader that went away is seen here, not at the interpreter's exit
+        return status
+    except BrokenPipeError:
+        if not _stdout_gone():
+            return _bug(args)  # a pipe of its own broke, not the reader of its output
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no second error when Python flushes
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except EttinError as error:
         print(f"ettin-export {args.command}: error: {error}", file=sys.stderr)
         return EXIT_REFUSED
@@ -57,14 +71,35 @@ def main(argv: list[str] | None = None) -> int:
         how = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
         print(f"ettin-export {args.command}: {how}; nothing half-written was kept.", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
-    except Exception:  # noqa: BLE001 - not a refusal of ours: a bug, shown as one
-        traceback.print_exc()
-        print(f"ettin-export {args.command}: internal error (a bug in ettin-export, not in your input): please "
-              "report it with the traceback above.", file=sys.stderr)
-        return EXIT_BUG
+    except Exception as error:  # noqa: BLE001 - not a refusal of ours: a bug, shown as one
+        if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in EXPORT_MODULES:
+            print(f"ettin-export {args.command}: error: this command needs {error.name}, which is not installed (a "
+                  "runtime-only install): pip install torch==2.13.0 && pip install 'ettin-export[export]' (on a GPU "
+                  "machine, your CUDA build of torch first).", file=sys.stderr)
+            return EXIT_REFUSED
+        return _bug(args)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _bug(args) -> int:
+    traceback.print_exc()
+    print(f"ettin-export {args.command}: internal error (a bug in ettin-export, not in your input): please "
+          "report it with the traceback above.", file=sys.stderr)
+    return EXIT_BUG
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports an error on it)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor (captured), or no poll here
+        return False
 
 
 if __name__ == "__main__":

@@ -17,12 +17,19 @@ def read_pairs_jsonl(path: str | Path, allow_empty: bool = False) -> list[tuple[
     """JSON lines of {"query": "...", "document": "..."} ("-" reads standard input); blank lines are
     skipped. Errors name the file and line and show what was found there."""
     try:
-        handle = sys.stdin if str(path) == "-" else open(path, encoding="utf-8")
+        handle = sys.stdin.buffer if str(path) == "-" else open(path, "rb")
     except OSError as error:
         raise PairsFileError(f"cannot read pairs file {path}: {error.strerror}") from error
     pairs = []
     with handle:
-        for number, line in enumerate(handle, start=1):
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM (Windows editors) is no text
+            except UnicodeDecodeError as error:
+                raise PairsFileError(
+                    f"{path}:{number}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                    "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+                ) from error
             if not line.strip():
                 continue
             try:

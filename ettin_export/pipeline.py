@@ -41,6 +41,7 @@ from ettin_runtime.artifact import (
     hash_files,
     is_artifact,
     replacement_problem,
+    unwritable_problem,
 )
 from ettin_runtime.packing import PairEncoder
 
@@ -95,10 +96,11 @@ def default_engine_hooks() -> EngineHooks:
 
 
 def prepare_output(out: Path, force: bool) -> None:
-    """Refuse to overwrite unless asked, and never touch a folder that is not ours."""
-    problem = replacement_problem(out, force=force, ours=is_artifact, option="--out",
-                                  foreign="is not an ettin-export artifact", holds="an artifact",
-                                  keeps=" (the old one stays in place until the new one has passed parity)")
+    """Refuse to overwrite unless asked, never touch a folder that is not ours, and refuse a place that
+    cannot be written before any work."""
+    problem = unwritable_problem(out, "--out") or replacement_problem(
+        out, force=force, ours=is_artifact, option="--out", foreign="is not an ettin-export artifact",
+        holds="an artifact", keeps=" (the old one stays in place until the new one has passed parity)")
     if problem:
         raise BuildError(problem)
 
@@ -460,6 +462,8 @@ def run_build(checkpoint_loader, options: BuildOptions, hooks: EngineHooks | Non
         hooks = hooks or default_engine_hooks()
         facts = hooks.preflight(target)
     prepare_output(options.out, options.force)
+    if options.parity_pairs and options.parity_pairs != "-":
+        read_parity_file(options.parity_pairs)  # a bad file is named now, not after the model is built
     steps = Steps(f"ettin-export build --target {target.name} -> {options.out}", quiet=options.quiet)
     if target.engine == "tensorrt" and not options.onnx_only:
         steps.note(", ".join(f"{k}: {v}" for k, v in facts.items()))

@@ -3,9 +3,11 @@ and the check that nothing already on disk changed (issue 12)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -101,7 +103,13 @@ def test_a_rejected_build_can_be_inspected_on_request(tiny_artifact, tmp_path, c
 @pytest.mark.parametrize(("argv", "message"), [
     (["--max-length", "100000"], "max_length 100000 is beyond the model's 7999 positions"),
     (["--max-length", "9000"], "max_length 9000 is beyond the model's 7999 positions"),
-    (["--max-length", "0"], "max_length must be an integer of at least 2 tokens"),
+    (["--max-length", "0"], "max_length must be an integer of at least 5 tokens (the pair template's 3 special "
+                            "tokens and one token each of query and document; below the template's own count the "
+                            "tokenizer does not truncate at all), got 0. Pass a max_length of 5 or more."),
+    # Below the template's 3 special tokens the tokenizers library does not truncate at all (issue 22): a
+    # 1 MB document stayed whole and OpenVINO asked for 2.1 TB; at 3 or 4 a pair loses its query or document.
+    (["--max-length", "2"], "max_length must be an integer of at least 5 tokens"),
+    (["--max-length", "4"], "got 4. Pass a max_length of 5 or more."),
     (["--max-batch-tokens", "10"], "--max-batch-tokens 10 is below the max length 200"),
     (["--max-batch-size", "0"], "--max-batch-size must be an integer of at least 1 (pairs per run); got 0"),
     (["--parity-queries", "0"], "--parity-queries must be an integer of at least 1; got 0"),
@@ -118,8 +126,11 @@ def test_build_limits_are_refused_in_seconds(tiny_checkpoint, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"max_length": 100000}, "max_length 100000 is outside what .* can take: 2 to 7999 tokens"),
+    ({"max_length": 100000}, "max_length 100000 is outside what .* can take: 5 to 7999 tokens"),
     ({"max_length": 1}, "max_length 1 is outside"),
+    ({"max_length": 2}, "max_length 2 is outside what .* can take: 5 to 7999 tokens \\(the pair template's special "
+                        "tokens and one token each of query and document"),
+    ({"max_length": 4}, "max_length 4 is outside"),
     ({"max_batch_tokens": 0}, "max_batch_tokens must be an integer of at least 1"),
     ({"max_batch_tokens": 12.5}, "max_batch_tokens must be an integer of at least 1"),
     ({"max_batch_pairs": 0}, "max_batch_pairs must be an integer of at least 1"),
@@ -197,8 +208,6 @@ def test_damaged_checkpoint_files_are_named(tiny_checkpoint, tmp_path, capsys, d
     (lambda r: r.predict([("q", None)]), ValueError, "Pair 0: the document is NoneType None"),
 ])
 def test_bad_calls_get_clear_errors(tiny_artifact, call, error, message):
-    import re
-
     with Reranker.load(tiny_artifact) as reranker:
         with pytest.raises(error, match=re.escape(message)):
             call(reranker)
@@ -252,3 +261,246 @@ def test_the_next_build_removes_what_a_dead_build_left(tiny_artifact, tiny_check
                  "--skip-crossencoder-check"]) == 0
     assert f"removed .art.building-{dead.pid}, left by a build whose process is gone" in capsys.readouterr().err
     assert not stale.exists() and live.is_dir()
+
+
+# --- round three (issue 22) ---------------------------------------------------------------------------------
+
+
+def _built_at(length: int):
+    def change(manifest):
+        manifest["max_length"] = length  # what `build --max-length 2` published before it was refused
+    return change
+
+
+def test_an_artifact_that_cannot_truncate_is_refused_at_load(tiny_artifact, tmp_path, capsys):
+    artifact = _with_manifest(tiny_artifact, tmp_path / "art", _built_at(2))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"query": "q", "document": "word " * 20000}) + "\n")
+    before = snapshot(tmp_path)
+    message = (f"max_length 2 is outside what {artifact} can take: 5 to 7999 tokens (the pair template's special "
+               "tokens and one token each of query and document, to the model's positions; the artifact was built "
+               "and checked at 2). Pass a max_length in that range.")
+    with pytest.raises(Exception, match=re.escape(message)):
+        Reranker.load(artifact)
+    assert main(["score", str(artifact), "--pairs", str(pairs)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert snapshot(tmp_path) == before
+
+
+def test_no_pair_beyond_the_max_length_reaches_a_runtime(tiny_artifact):
+    from ettin_runtime.packing import PackingError, PairEncoder
+
+    encoder = PairEncoder.from_dir(tiny_artifact, 200)
+    encoder._tokenizer.no_truncation()  # a tokenizer that does not truncate, as below the template's count
+    with pytest.raises(PackingError, match=re.escape("Pair 1 is ") + r"\d+" + re.escape(
+            " tokens after truncation to max_length 200: the tokenizer did not truncate it.")):
+        encoder.encode([("q", "d"), ("q", "word " * 1000)])
+
+
+def test_a_checkpoint_at_a_max_length_below_its_template_is_refused(tiny_checkpoint, tmp_path, capsys):
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    before = snapshot(tmp_path)
+    assert main(["score", str(tiny_checkpoint), "--pairs", str(pairs), "--max-length", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "max_length must be an integer of at least 5 tokens" in err and "got 3." in err and "Traceback" not in err
+    assert snapshot(tmp_path) == before
+
+
+def _latin1_line(path: Path) -> str:
+    path.write_bytes(b'{"query": "tea", "document": "green"}\n{"query": "caf\xe9", "document": "x"}\n')
+    return f"{path}:2: not UTF-8 (byte 0xe9 at column 15); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+
+
+def test_a_pairs_file_that_is_not_utf8_is_named_by_line(tiny_artifact, tiny_checkpoint, tmp_path, capsys):
+    pairs = tmp_path / "latin1.jsonl"
+    message = _latin1_line(pairs)
+    before = snapshot(tmp_path)
+    for argv in (["score", str(tiny_artifact), "--pairs", str(pairs)],
+                 ["verify", str(tiny_artifact), "--pairs", str(pairs)],
+                 ["build", str(tiny_checkpoint), "--out", str(tmp_path / "out"), "--parity-pairs", str(pairs),
+                  "--quiet"]):
+        start = time.perf_counter()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+        assert time.perf_counter() - start < 30, argv
+    assert snapshot(tmp_path) == before
+    # A UTF-8 file that starts with a byte-order mark (Windows editors) is valid input.
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"query": "q", "document": "d"}).encode() + b"\n")
+    assert main(["score", str(tiny_artifact), "--pairs", str(bom)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_score_batch_size_below_one_is_a_usage_error(tiny_artifact, tmp_path, capsys, size):
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    out = tmp_path / "scores.jsonl"
+    before = snapshot(tmp_path)
+    assert main(["score", str(tiny_artifact), "--pairs", str(pairs), "--batch-size", size, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (f"ettin-export score: error: --batch-size must be an integer of at least 1 (pairs per forward pass); "
+            f"got {size}. Leave it out for the runtime's own.") in err and "Traceback" not in err
+    assert snapshot(tmp_path) == before
+
+
+@contextlib.contextmanager
+def _immutable(folder: Path):
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        folder.chmod(0o555)
+        if os.access(folder, os.W_OK):
+            pytest.skip("neither chattr +i nor a mode keeps this user from writing (root without chattr)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
+
+
+@contextlib.contextmanager
+def _read_only_mount(folder: Path):
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode == 0
+    if not mounted or subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)],
+                                     capture_output=True).returncode != 0:
+        if mounted:
+            subprocess.run(["umount", str(folder)], capture_output=True)
+        pytest.skip("no read-only bind mount here (needs mount privileges)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("place", ["under-a-file", "immutable", "read-only-fs"])
+def test_build_out_that_cannot_be_written_is_refused_before_any_work(tiny_checkpoint, tiny_artifact, tmp_path,
+                                                                     capsys, place):
+    with contextlib.ExitStack() as stack:
+        if place == "under-a-file":
+            (tmp_path / "file").write_text("not a folder\n")
+            out, where = tmp_path / "file" / "sub" / "art", f"{tmp_path / 'file'} is a file, not a folder"
+        elif place == "immutable":
+            folder = stack.enter_context(_immutable(tmp_path / "locked"))
+            out, where = folder / "art", f"the folder {folder} is not writable for this user"
+        else:
+            folder = stack.enter_context(_read_only_mount(tmp_path / "ro"))
+            out, where = folder / "art", f"the folder {folder} is on a read-only file system"
+        pairs = _pairs_file(tmp_path / "p.jsonl")
+        start = time.perf_counter()
+        runs = [("--out", ["build", str(tiny_checkpoint), "--out", str(out), "--quiet"]),
+                ("--repo", ["deploy", "triton", str(tiny_artifact), "--repo", str(out), "--allow-random-weights"])]
+        if place != "under-a-file":  # score's --out must be in an existing folder, which it says otherwise
+            runs.append(("--out", ["score", str(tiny_artifact), "--pairs", str(pairs), "--out", str(out)]))
+        for option, argv in runs:
+            before = snapshot(tmp_path)
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert f"{option} {out}: {where}" in err and "Traceback" not in err, err
+            assert snapshot(tmp_path) == before
+        assert time.perf_counter() - start < 30  # refused before the checkpoint is even loaded
+
+
+def test_a_body_nested_too_deeply_is_the_clients_error(tiny_artifact, tmp_path):
+    from .gateway_client import post, start_gateway
+
+    log = tmp_path / "gateway.log"
+    depth = 100_000
+    with start_gateway(["--artifact", str(tiny_artifact), "--allow-random-weights"], log) as url:
+        nested = b'{"query": "q", "documents": ' + b"[" * depth + b"]" * depth + b"}"
+        assert post(f"{url}/v1/rerank", nested) == (400, {
+            "error": "the request body nests arrays or objects too deeply to parse (about 1000 levels at most); "
+                     'send {"query": "...", "documents": ["...", ...]}', "error_type": "Validation"})
+        status, body = post(f"{url}/v1/rerank", b"[" * 900 + b"]" * 900)  # parses, but is no object
+        assert (status, body["error_type"]) == (422, "Validation")
+        status, body = post(f"{url}/v1/rerank", {"query": "q", "documents": ["d"], "truncation_direction": [[[]]]})
+        assert (status, body["error_type"]) == (422, "Validation")
+        assert post(f"{url}/v1/rerank", {"query": "q", "documents": ["a", "b"], "top_n": 1})[0] == 200
+    assert "Traceback" not in log.read_text()
+
+
+def test_an_artifact_without_its_manifest_is_told_as_one(tiny_artifact, tmp_path, capsys):
+    artifact = shutil.copytree(tiny_artifact, tmp_path / "art")
+    (artifact / "manifest.json").unlink()
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    before = snapshot(tmp_path)
+    message = (f"{artifact} holds parity.json, model.onnx but no manifest.json: it is an ettin-export artifact whose "
+               "manifest was deleted (or a build that never finished)")
+    for argv in (["score", str(artifact), "--pairs", str(pairs)], ["verify", str(artifact)],
+                 ["build", str(artifact), "--out", str(tmp_path / "out"), "--quiet"],
+                 ["deploy", "triton", str(artifact), "--repo", str(tmp_path / "repo")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "config.json" not in err and "Traceback" not in err, (argv, err)
+    with pytest.raises(Exception, match=re.escape(message)):
+        Reranker.load(artifact)
+    assert snapshot(tmp_path) == before
+
+
+def test_deploy_into_a_closed_pipe_ends_quietly_after_writing(tiny_artifact, tmp_path):
+    deploy = f'"{sys.executable}" -m ettin_export.cli deploy triton "{tiny_artifact}" --allow-random-weights --repo'
+    # `| true` closes the pipe before deploy writes its first line (it reads the artifact first), so the
+    # broken pipe is certain; `| head -3` closes it after three lines, which may come before or after the rest.
+    for reader, statuses in (("true", {"141"}), ("head -3", {"0", "141"})):
+        repo = tmp_path / reader.replace(" ", "")
+        command = f'PYTHONUNBUFFERED=1 {deploy} "{repo}" | {reader}; echo "status ${{PIPESTATUS[0]}}" >&2'
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+        assert len(done.stdout.splitlines()) == (3 if reader == "head -3" else 0)
+        assert done.stderr.strip().splitlines()[-1].split()[-1] in statuses, done.stderr  # 141: 128 + SIGPIPE
+        assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+        assert (repo / "ettin-deploy.json").is_file()  # everything was written before the first line
+
+
+def _passed_by_hand(manifest):
+    manifest["parity"]["passed"] = True
+
+
+def test_a_rejected_build_whose_manifest_was_edited_to_passed_is_refused(tiny_artifact, tmp_path, capsys):
+    artifact = shutil.copytree(tiny_artifact, tmp_path / "art")
+    report = json.loads((artifact / "parity.json").read_text())
+    report["passed"] = False  # what the gate wrote for a rejected build ...
+    (artifact / "parity.json").write_text(json.dumps(report))
+    _with_manifest(artifact, tmp_path / "edited", _passed_by_hand)  # ... and a manifest edited to "passed": true
+    edited = tmp_path / "edited"
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    before = snapshot(tmp_path)
+    message = (f"{edited}: its manifest says the parity gate passed, but parity.json says failed: the two disagree "
+               "(one was edited by hand), so it is refused.")
+    with pytest.raises(Exception, match=re.escape(message)):
+        Reranker.load(edited)
+    for argv in (["score", str(edited), "--pairs", str(pairs)],
+                 ["deploy", "triton", str(edited), "--repo", str(tmp_path / "repo"), "--allow-random-weights"],
+                 ["verify", str(edited)], ["bench", str(edited), "--runs", "5", "--quiet"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    (edited / "parity.json").unlink()
+    with pytest.raises(Exception, match=re.escape("but parity.json, the report it summarizes, is missing")):
+        Reranker.load(edited)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_bench_of_an_unverified_artifact_says_so_in_its_report(tiny_artifact, tmp_path, capsys, monkeypatch):
+    from ettin_export.bench import measure
+
+    artifact = _with_manifest(tiny_artifact, tmp_path / "art.rejected", _rejected)
+    monkeypatch.setattr(measure, "LOADED_CORES", -1.0)  # every round counts as loaded: exit 4, "unreliable"
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(artifact), "--allow-unverified", "--pairs", "8", "--runs", "5", "--timing", "inside",
+                 "--max-retries", "0", "--quiet", "--out", str(out)]) == 4
+    text = capsys.readouterr().out
+    assert ("  UNVERIFIED: this artifact's parity gate FAILED (a rejected build; opened with --allow-unverified): its "
+            "speed is measured, its scores are not trusted") in text
+    assert json.loads(out.read_text())["candidate"]["parity"].startswith("FAILED")
+    row = next(line for line in text.splitlines() if line.strip().startswith("tokenization inside") and
+               "candidate" in line)
+    assert re.search(r"\d \s*unreliable$", row) and not re.search(r"\dunreliable", row), row
+
+
+def test_the_readme_lists_every_exit_status():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    errors = readme[readme.index("Errors: every refusal"):]
+    errors = errors[:errors.index("\n\n")]
+    for status in ("exits 2", "(1:", "exit 3", "4:", "130", "143", "141"):
+        assert status in errors, (status, errors)

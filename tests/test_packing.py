@@ -102,7 +102,7 @@ def test_max_length_rule(tmp_path, tiny_checkpoint):
     # sentence_bert_config.json only counts with modules.json (CrossEncoder reads it through modules.json)
     (hf / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 50}))
     assert resolve_max_length(hf) == 7999
-    with pytest.raises(ValueError, match="at least 2 tokens"):
+    with pytest.raises(ValueError, match="at least 5 tokens"):
         resolve_max_length(hf, 1)
 
 

@@ -2,7 +2,9 @@
 artifact the main command builds, start the real Triton server, /v1/rerank over gRPC to it, the Python
 client over HTTP, stop, then /rerank in-process), from a folder holding a tiny random-weights artifact
 where the main build command writes its own. Only the ports differ (free ones for 8000, 8001 and 8080),
-and `ettin-export` / `python` are this interpreter running this checkout.
+and `ettin-export` / `python` are those of a fresh virtual environment that holds only what the README
+installs (its CPU torch line, then the section's pip line, verbatim, in this checkout): an extra the
+section needs but does not name fails here, as it would for a user.
 
 Also what the section promises statically: the extras it installs hold what deploy and serve import, the
 tritonserver command it shows carries the flags deploy records, and deploy's own hint names `numpy<2`.
@@ -93,6 +95,8 @@ def test_the_extras_it_installs_hold_what_deploy_and_serve_import():
     assert {"tritonclient", "protobuf", "onnx", "starlette", "uvicorn"} <= names, names
     grpc = [r for extra in extras for r in optional[extra] if r.lower().startswith("tritonclient")]
     assert any("grpc" in r for r in grpc), grpc
+    # The section's Python client runs over HTTP: tritonclient's http client (gevent, geventhttpclient).
+    assert any("http" in r for r in grpc), grpc
 
 
 def test_deploy_prints_the_servers_pip_line_with_numpy_below_2_and_the_default_ports(tiny_artifact, tmp_path,
@@ -116,21 +120,28 @@ def test_deploy_prints_the_servers_pip_line_with_numpy_below_2_and_the_default_p
         assert flags.split() == marker["server_args"], flags
 
 
+def install_lines() -> list[str]:
+    """What a user who followed the README installs before this section: the CPU torch of "Install and run"
+    (its first command), then the section's own pip line, verbatim."""
+    first = re.search(r"## Install and run.*?```bash\n(.*?)```", README, flags=re.S).group(1)
+    torch_line = next(part.strip() for part in first.split("&&") if part.strip().startswith("pip install torch"))
+    return [torch_line, *pip_lines()]
+
+
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory):
-    """`ettin-export` and `python` on PATH as this interpreter, importing this checkout's packages."""
-    import ettin_export
-    import ettin_plugins
-    import ettin_runtime
-
-    bin_dir = tmp_path_factory.mktemp("bin")
-    for name, command in (("ettin-export", f'exec "{sys.executable}" -m ettin_export.cli "$@"'),
-                          ("python", f'exec "{sys.executable}" "$@"')):
-        (bin_dir / name).write_text(f"#!/bin/sh\n{command}\n")
-        (bin_dir / name).chmod(0o755)
-    roots = [str(Path(m.__file__).resolve().parents[1]) for m in (ettin_export, ettin_runtime, ettin_plugins)]
-    env = {**os.environ, "PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]]),
-           "PYTHONPATH": os.pathsep.join(dict.fromkeys(roots)), "NO_PROXY": "*", "no_proxy": "*"}
+    """A fresh virtual environment holding only what the README installs (`install_lines`, run in the
+    checkout as the README says), first on PATH: its `ettin-export` and `python` run the section."""
+    server_env_or_skip()
+    venv = tmp_path_factory.mktemp("readme-venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update({"PATH": os.pathsep.join([str(venv / "bin"), env["PATH"]]), "VIRTUAL_ENV": str(venv),
+                "NO_PROXY": "*", "no_proxy": "*"})
+    for line in install_lines():
+        done = subprocess.run(["bash", "-c", line], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=600)
+        assert done.returncode == 0, f"{line}:\n{done.stdout[-3000:]}"
     return env
 
 

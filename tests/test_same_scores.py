@@ -238,10 +238,10 @@ def test_max_length_override_is_checked_against_the_model(tiny_checkpoint, tmp_p
     with pytest.raises(ValueError, match="beyond the model's 7999 positions"):
         resolve_max_length(tiny_checkpoint, 9000)
     for bad in (0, 1, -5):
-        with pytest.raises(ValueError, match="at least 2 tokens"):
+        with pytest.raises(ValueError, match="at least 5 tokens"):
             resolve_max_length(tiny_checkpoint, bad)
     out = tmp_path / "never"
     assert main(["build", str(tiny_checkpoint), "--out", str(out), "--max-length", "9000", "--quiet"]) == 2
     assert "beyond the model's 7999 positions" in capsys.readouterr().err and not out.exists()
     assert main(["build", str(tiny_checkpoint), "--out", str(out), "--max-length", "0", "--quiet"]) == 2
-    assert "at least 2 tokens" in capsys.readouterr().err and not out.exists()
+    assert "at least 5 tokens" in capsys.readouterr().err and not out.exists()

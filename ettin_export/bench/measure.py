@@ -354,9 +354,12 @@ class _CpuProbe:
 
 def format_report(report: dict) -> str:
     machine, lengths = report["machine"], report["lengths"]
+    gate = report["candidate"].get("parity")
     lines = [
         f"ettin-export bench: {report['model'].get('source')} ({report['model']['num_layers']} layers, hidden "
         f"{report['model']['hidden_size']})",
+        *([f"  UNVERIFIED: this artifact's parity gate {gate}: its speed is measured, its scores are not "
+           "trusted"] if gate not in (None, "passed") else []),
         f"  machine    {machine['device']}"
         + (f" ({' '.join(machine['cpu_features']) or 'no listed features'})" if machine.get("cpu_features") is not None
            and not machine.get("gpu") else "")
@@ -372,7 +375,7 @@ def format_report(report: dict) -> str:
         lines.append(f"  baseline   {report['baseline']['kind']} {report['baseline']['version']}, batch_size "
                      f"{report['baseline']['batch_size']}, {report['baseline']['dtype']}")
     lines.append(f"  medians of {report['runs']} interleaved runs after {report['warmup_runs']} warm-up:")
-    lines.append(f"    {'timing':<22}{'system':<11}{'pairs/s':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'ratio':>8}")
+    lines.append(f"    {'timing':<22}{'system':<11}{'pairs/s':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'ratio':>12}")
     for mode, entry in report["results"].items():
         for name in ("candidate", "baseline"):
             if name in entry:
@@ -383,7 +386,7 @@ def format_report(report: dict) -> str:
                 elif name == "candidate" and "unreliable_ratio" in entry:
                     ratio = "unreliable"
                 lines.append(f"    {mode.replace('_', ' '):<22}{name:<11}{row['pairs_per_s']:>10.1f}"
-                             f"{row['tokens_per_s']:>11.0f}{row['gflops_per_s']:>9.1f}{ratio:>8}")
+                             f"{row['tokens_per_s']:>11.0f}{row['gflops_per_s']:>9.1f}{ratio:>12}")
     if report["flops"]["peak_tflops"]:
         lines.append(f"  peak {report['flops']['peak_tflops']} TFLOP/s")
     if report["scores_max_abs_diff"] is not None:

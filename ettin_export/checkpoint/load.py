@@ -94,6 +94,10 @@ def load_checkpoint(source: str, revision: str | None = None, *, max_length: int
     modules_file = path / "modules.json"
     config_file = path / "config.json"
     if not config_file.is_file():
+        from ettin_runtime.artifact import lost_manifest
+
+        if lost_manifest(path):
+            raise CheckpointError(lost_manifest(path))
         raise CheckpointError(f"{source}: no config.json in {path}; this is not a transformers/ST checkpoint.")
     hf_config = read_json(config_file)
     model_type = hf_config.get("model_type")

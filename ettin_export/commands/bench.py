@@ -111,7 +111,7 @@ def open_setup(args) -> Setup:
         candidate = RerankerContender(reranker, {
             "kind": f"{artifact.engine.format} artifact ({type(reranker).__name__})", "artifact": str(args.model),
             "precision": artifact.precision, "target": artifact.target,
-            "onnxruntime_version": artifact.engine.onnxruntime_version,
+            "onnxruntime_version": artifact.engine.onnxruntime_version, "parity": _gate_of(artifact),
         }, args.candidate_batch_size, args.candidate_batch_tokens)
         reference = args.reference or _reference_of(artifact)
         model = {**artifact.model.to_json(), "source": artifact.source.model, "size": artifact.source.size,
@@ -149,6 +149,15 @@ def open_setup(args) -> Setup:
             raise UsageError("--baseline openvino-padded runs on the CPU.")
         baseline = OpenVinoPaddedContender(reference, max_length, args.baseline_batch_size, precision)
     return Setup(candidate, baseline, model, max_length, reranker.encoder._tokenizer, precision)
+
+
+def _gate_of(artifact) -> str:
+    """What the artifact's parity gate said: "passed", or what --allow-unverified let through."""
+    if artifact.parity is None:
+        return "never reached (a staging folder; opened with --allow-unverified)"
+    if not artifact.parity.passed:
+        return "FAILED (a rejected build; opened with --allow-unverified)"
+    return "passed"
 
 
 def _reference_of(artifact) -> str:

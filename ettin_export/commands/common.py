@@ -45,8 +45,11 @@ def open_checkpoint(args, max_length: int | None = None):
 
 def open_reranker(args, runtime: str = "auto"):
     """A Reranker for what the command line names: an artifact (its own runtime) or a checkpoint (torch)."""
-    from ettin_runtime.artifact import is_artifact
+    from ettin_runtime.artifact import is_artifact, lost_manifest
+    from ettin_runtime.errors import ArtifactError
 
+    if lost_manifest(args.model):
+        raise ArtifactError(lost_manifest(args.model))
     if is_artifact(args.model) and runtime != "torch":
         from ettin_runtime import Artifact
 
@@ -74,6 +77,11 @@ def checked_output(out: str | Path, *, reads: tuple = ()) -> Path:
                              "Name another file.")
     if not path.parent.is_dir():
         raise UsageError(f"--out {path}: the folder {path.parent} does not exist; create it or name another file.")
+    from ettin_runtime.artifact import unwritable_problem
+
+    problem = unwritable_problem(path, "--out")
+    if problem:
+        raise UsageError(problem)
     return path
 
 

@@ -13,6 +13,7 @@ from ettin_export.commands.common import (
     read_pairs,
     write_atomically,
 )
+from ettin_export.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be an integer of at least 1 (pairs per forward pass); got "
+                         f"{args.batch_size}. Leave it out for the runtime's own.")
     out = checked_output(args.out, reads=(args.pairs,)) if args.out else None
     pairs = read_pairs(args.pairs)
     with open_reranker(args, args.runtime) as reranker:

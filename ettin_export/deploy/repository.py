@@ -29,7 +29,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ettin_runtime.artifact import TOKENIZER_FILES, Artifact, StagedFolder, replacement_problem
+from ettin_runtime.artifact import TOKENIZER_FILES, Artifact, StagedFolder, replacement_problem, unwritable_problem
 
 from ettin_export.deploy.checks import (
     BUDGET_PAIRS,
@@ -152,7 +152,7 @@ def _cpu_tokens(artifact: Artifact, backend: EngineBackend) -> int | None:
 
 
 def _prepare_repo(repo: Path, force: bool) -> None:
-    problem = replacement_problem(repo, force=force, ours=lambda path: (path / MARKER_NAME).is_file(),
+    problem = unwritable_problem(repo, "--repo") or replacement_problem(repo, force=force, ours=lambda path: (path / MARKER_NAME).is_file(),
                                   option="--repo", foreign="`ettin-export deploy` did not write",
                                   holds="a generated repository")
     if problem:

@@ -31,6 +31,7 @@ Limits, as TEI has them: at most `max_documents` documents per request (TEI's --
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from dataclasses import dataclass
 
@@ -69,12 +70,20 @@ class RerankRequest:
     raw_scores: bool
 
 
+def _shown(value, limit: int = 40) -> str:
+    """A received value as JSON, cut to `limit` characters, for an error message."""
+    try:
+        return json.dumps(value)[:limit]
+    except RecursionError:
+        return "(a value nested too deeply to show)"
+
+
 def _boolean(body: dict, *names: str) -> bool:
     for name in names:
         value = body.get(name)
         if value is not None:
             if not isinstance(value, bool):
-                raise validation(f"`{name}` must be true or false, got {json.dumps(value)[:40]}")
+                raise validation(f"`{name}` must be true or false, got {_shown(value)}")
             return value
     return False
 
@@ -86,6 +95,10 @@ def parse_request(raw: bytes, *, max_documents: int, truncation_side: str = "rig
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ApiError(400, "Validation", f"the request body is not JSON ({error}); send "
                        '{"query": "...", "documents": ["...", ...]}') from error
+    except RecursionError:  # the client's body, not the backend: nested deeper than Python's parser goes
+        raise ApiError(400, "Validation", "the request body nests arrays or objects too deeply to parse (about "
+                       f"{sys.getrecursionlimit()} levels at most); send "
+                       '{"query": "...", "documents": ["...", ...]}') from None
     if not isinstance(body, dict):
         raise validation(f"the request body must be a JSON object, got {type(body).__name__}")
     query = body.get("query")
@@ -111,20 +124,20 @@ def parse_request(raw: bytes, *, max_documents: int, truncation_side: str = "rig
             item = item.get("text")
         if not isinstance(item, str):
             raise validation(f"`{field}[{index}]` must be a string (or {{\"text\": string}}), got "
-                             f"{json.dumps(items[index])[:60]}")
+                             f"{_shown(items[index], 60)}")
         documents.append(item)
     top_n = body.get("top_n")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-        raise validation(f"`top_n` must be an integer of at least 1 (omit it for every document), got {json.dumps(top_n)}")
+        raise validation(f"`top_n` must be an integer of at least 1 (omit it for every document), got {_shown(top_n)}")
     truncate = body.get("truncate")
     if truncate is False:
         raise validation("`truncate: false` is not supported: documents are always truncated to the model's "
                          "max_length (omit `truncate`, or send true)")
     if truncate is not None and not isinstance(truncate, bool):
-        raise validation(f"`truncate` must be true or false, got {json.dumps(truncate)[:40]}")
+        raise validation(f"`truncate` must be true or false, got {_shown(truncate)}")
     direction = body.get("truncation_direction")
-    if direction is not None and str(direction).lower() != truncation_side:
-        raise validation(f"`truncation_direction` {json.dumps(direction)}: this model truncates on the "
+    if direction is not None and (not isinstance(direction, str) or direction.lower() != truncation_side):
+        raise validation(f"`truncation_direction` {_shown(direction)}: this model truncates on the "
                          f"{truncation_side} (omit it, or send {json.dumps(truncation_side)})")
     rank_fields = body.get("rank_fields")
     if rank_fields not in (None, [], ["text"]):

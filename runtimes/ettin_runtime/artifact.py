@@ -320,6 +320,20 @@ def is_artifact(path: str | Path | None) -> bool:
     return path is not None and (Path(path) / MANIFEST_NAME).is_file()
 
 
+def lost_manifest(path: str | Path | None) -> str | None:
+    """Why `path` is an artifact folder without its manifest.json (None when it is not one): a folder
+    holding an artifact's own files (parity.json, the engine) but no config.json and no manifest.json.
+    Said as itself, rather than as a checkpoint that lacks config.json."""
+    if path is None or is_artifact(path) or not Path(path).is_dir() or (Path(path) / "config.json").is_file():
+        return None
+    found = [name for name in (PARITY_NAME, "model.onnx", "model.plan") if (Path(path) / name).is_file()]
+    if not found:
+        return None
+    return (f"{path} holds {', '.join(found)} but no {MANIFEST_NAME}: it is an ettin-export artifact whose manifest "
+            "was deleted (or a build that never finished), and without it nothing can check its files. Copy the "
+            "artifact again, or rebuild it with `ettin-export build ... --out DIR`.")
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -412,6 +426,8 @@ class Artifact:
         if not root.is_dir():
             raise ArtifactError(f"{root} is not a directory. Pass the artifact folder written by `ettin-export build`.")
         path = root / MANIFEST_NAME
+        if not path.is_file() and lost_manifest(root):
+            raise ArtifactError(lost_manifest(root))
         if not path.is_file():
             raise ArtifactError(
                 f"{root} has no {MANIFEST_NAME}: it is not an ettin-export artifact (or the build did not finish). "
@@ -454,6 +470,21 @@ class Artifact:
             raise ArtifactError(
                 f"{self.root} FAILED its parity gate{figures}: it is a rejected build (parity.json has the report), "
                 f"not an artifact to serve. {rebuild}"
+            )
+        report = self.root / PARITY_NAME  # the whole report: the manifest's summary must say what it says
+        try:
+            passed = json.loads(report.read_text(encoding="utf-8")).get("passed")
+        except (OSError, ValueError, AttributeError) as error:
+            detail = "is missing" if not report.is_file() else f"cannot be read ({type(error).__name__})"
+            raise ArtifactError(
+                f"{self.root}: its manifest says the parity gate passed, but {PARITY_NAME}, the report it summarizes, "
+                f"{detail}, so the claim cannot be checked. {rebuild}"
+            ) from None
+        if passed is not True:
+            raise ArtifactError(
+                f"{self.root}: its manifest says the parity gate passed, but {PARITY_NAME} says "
+                f"{'failed' if passed is False else f'passed: {json.dumps(passed)}'}: the two disagree (one was edited "
+                f"by hand), so it is refused. {rebuild}"
             )
 
     def verify_files(self) -> None:
@@ -500,11 +531,15 @@ class Artifact:
 
     def check_options(self, options) -> None:
         """LoadOptions against this artifact's facts, before any runtime allocates anything."""
+        from .packing import smallest_max_length_of
+
         longest = self.model.max_positions or self.max_length
+        shortest = smallest_max_length_of(self.root)  # the pair template's special tokens + one of query, document
         length = self.max_length if options.max_length is None else options.max_length
-        if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= longest:
+        if isinstance(length, bool) or not isinstance(length, int) or not shortest <= length <= longest:
             raise ArtifactError(
-                f"max_length {length!r} is outside what {self.root} can take: 2 to {longest} tokens (the model's "
+                f"max_length {length!r} is outside what {self.root} can take: {shortest} to {longest} tokens (the "
+                f"pair template's special tokens and one token each of query and document, to the model's "
                 f"positions; the artifact was built and checked at {self.max_length}). Pass a max_length in that range."
             )
         # max_batch_tokens is a packing budget: a pair longer than it runs alone, within the engine's limit.
@@ -526,6 +561,28 @@ DEFAULT_RUNTIME = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
 
 
 # --- the writer's transaction --------------------------------------------------------------------------------
+
+
+def unwritable_problem(destination: str | Path, option: str) -> str | None:
+    """Why nothing can be written at `destination` (None: it can): its nearest existing folder above is a
+    file, read-only or not writable for this user. Checked before any work, so that a long run never ends
+    in an OSError where it writes."""
+    destination = Path(destination).absolute()
+    folder = destination.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return (f"{option} {destination}: {folder} is a file, not a folder, so nothing can be created under it. "
+                f"Choose another {option}.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = ("is on a read-only file system" if read_only else
+               "is not writable for this user (its permissions, or an immutable attribute: lsattr -d shows it)")
+        return f"{option} {destination}: the folder {folder} {why}. Choose another {option}, or make {folder} writable."
+    return None
 
 
 def replacement_problem(destination: Path, *, force: bool, ours, option: str, foreign: str, holds: str,

@@ -67,9 +67,7 @@ def resolve_max_length(checkpoint_dir: str | Path, override: int | None = None) 
     smaller of the tokenizer's `model_max_length` and the model's `max_position_embeddings`."""
     root = Path(checkpoint_dir)
     if override is not None:
-        if isinstance(override, bool) or not isinstance(override, (int, np.integer)) or override < 2:
-            raise PackingError(f"max_length must be an integer of at least 2 tokens (room for the special tokens), "
-                             f"got {override!r}.")
+        check_max_length(override, smallest_max_length_of(root))
         positions = read_json(root / "config.json").get("max_position_embeddings")
         if positions not in (None, -1) and override > int(positions):
             raise PackingError(
@@ -79,7 +77,8 @@ def resolve_max_length(checkpoint_dir: str | Path, override: int | None = None) 
         return int(override)
     st_config = read_json(root / "sentence_bert_config.json") if (root / "modules.json").is_file() else {}
     if st_config.get("max_seq_length") is not None:
-        return int(st_config["max_seq_length"])
+        return check_max_length(st_config["max_seq_length"], smallest_max_length_of(root),
+                                where=f" (max_seq_length in {root / 'sentence_bert_config.json'})")
     tokenizer_limit = read_json(root / "tokenizer_config.json").get("model_max_length") or _VERY_LARGE_INTEGER
     model_limit = read_json(root / "config.json").get("max_position_embeddings")
     limits = [int(tokenizer_limit)] + ([int(model_limit)] if model_limit not in (None, -1) else [])
@@ -89,7 +88,38 @@ def resolve_max_length(checkpoint_dir: str | Path, override: int | None = None) 
             f"{root} sets no maximum length (no max_seq_length, tokenizer model_max_length or "
             "max_position_embeddings): pass max_length explicitly."
         )
-    return limit
+    return check_max_length(limit, smallest_max_length_of(root), where=f" (the limit {root} sets)")
+
+
+def smallest_max_length(tokenizer: Tokenizer) -> int:
+    """The pair template's special tokens and one token each of query and document. Below the template's
+    own count the tokenizers library does not truncate at all (a 1 MB document stays whole), and at it
+    every pair would be the special tokens alone."""
+    return tokenizer.num_special_tokens_to_add(is_pair=True) + 2
+
+
+def smallest_max_length_of(root: str | Path) -> int:
+    """`smallest_max_length` of the tokenizer.json in `root`; 2 when there is none (it is refused, by
+    name, when a runtime loads it)."""
+    tokenizer_file = Path(root) / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return 2
+    try:
+        return smallest_max_length(Tokenizer.from_file(str(tokenizer_file)))
+    except Exception:  # noqa: BLE001 - a broken tokenizer.json is named where it is loaded
+        return 2
+
+
+def check_max_length(value, smallest: int, where: str = "") -> int:
+    """`value` as a max length of at least `smallest` tokens, or a PackingError saying what to pass."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < smallest:
+        template = f"the pair template's {smallest - 2} special tokens and " if smallest > 2 else ""
+        raise PackingError(
+            f"max_length must be an integer of at least {smallest} tokens ({template}one token each of query and "
+            f"document; below the template's own count the tokenizer does not truncate at all), got {value!r}"
+            f"{where}. Pass a max_length of {smallest} or more."
+        )
+    return int(value)
 
 
 def read_json(path: Path):
@@ -111,7 +141,7 @@ class PairEncoder:
     def __init__(self, tokenizer: Tokenizer, max_length: int, truncation_side: str = "right"):
         if truncation_side not in ("right", "left"):
             raise ValueError(f"truncation_side must be 'right' or 'left', got {truncation_side!r}.")
-        self.max_length = int(max_length)
+        self.max_length = check_max_length(max_length, smallest_max_length(tokenizer))
         self.truncation_side = truncation_side
         self._tokenizer = tokenizer
         self._tokenizer.no_padding()
@@ -147,7 +177,14 @@ class PairEncoder:
         if not queries:
             return []
         encodings = self._tokenizer.encode_batch(list(zip(queries, documents)), add_special_tokens=True)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        token_ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        for index, ids in enumerate(token_ids):
+            if len(ids) > self.max_length:  # no runtime is ever handed a pair beyond the limit it was built for
+                raise PackingError(
+                    f"Pair {index} is {len(ids)} tokens after truncation to max_length {self.max_length}: the "
+                    "tokenizer did not truncate it. Check the tokenizer's truncation settings, or report it."
+                )
+        return token_ids
 
 
 def _split_pairs(pairs: Sequence[Pair]) -> tuple[list[str], list[str]]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ettin_runtime.errors import EttinError
+from ettin_runtime.packing import not_text
 
 class PairsFileError(EttinError, ValueError):
     """A pairs file that cannot be read or does not hold {"query": str, "document": str} lines."""
@@ -41,6 +42,9 @@ def read_pairs_jsonl(path: str | Path, allow_empty: bool = False) -> list[tuple[
                     f'{path}:{number}: expected {{"query": "...", "document": "..."}} with string values, '
                     f"got {line.strip()[:80]}"
                 )
+            for role in ("query", "document"):
+                if (problem := not_text(record[role])) is not None:
+                    raise PairsFileError(f"{path}:{number}: the {role} {problem}.")
             pairs.append((record["query"], record["document"]))
     if not pairs and not allow_empty:
         raise PairsFileError(f"{path} holds no pairs.")

@@ -504,3 +504,92 @@ def test_the_readme_lists_every_exit_status():
     errors = errors[:errors.index("\n\n")]
     for status in ("exits 2", "(1:", "exit 3", "4:", "130", "143", "141"):
         assert status in errors, (status, errors)
+
+
+# --- round three, beyond the list: options at their edges, the gateway's fields, the Python API ----------
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["score", "{artifact}", "--pairs", "{pairs}", "--runtime", "torch"],
+     "--runtime torch runs a checkpoint with the packed PyTorch model; {artifact} is an artifact"),
+    (["score", "{artifact}", "--pairs", "{pairs}", "--size", "17m"],
+     "pass an artifact folder or --size, not both ({artifact} is an artifact)."),
+    (["score", "{artifact}", "--pairs", "{pairs}", "--device", "cuda"],
+     "--device cuda: for the torch runtime (a checkpoint); {artifact} is an artifact"),
+    (["score", "{checkpoint}", "--pairs", "{pairs}", "--device", "gpu"],
+     "--device 'gpu' is not a device torch knows; pass cpu or cuda (cuda:N)."),
+    (["build", "{checkpoint}", "--out", "", "--quiet"], "--out is empty; name the artifact folder to write"),
+    (["build", "{checkpoint}", "--out", "{tmp}/out", "--onnx-only", "--quiet"],
+     "--onnx-only stops a TensorRT build after its ONNX; --target cpu builds no engine"),
+    (["verify", "{artifact}", "--parity-queries", "0"], "--parity-queries must be an integer of at least 1; got 0."),
+    (["verify", "{artifact}", "--device", "cuda:x"], "--device 'cuda:x' is not a device torch knows"),
+    (["bench", "{artifact}", "--pairs", "0", "--quiet"], "--pairs must be an integer of at least 1; got 0."),
+    (["bench", "{artifact}", "--pairs", "-5", "--quiet"], "--pairs must be an integer of at least 1; got -5."),
+    (["bench", "{artifact}", "--candidate-batch-size", "0", "--quiet"],
+     "--candidate-batch-size must be an integer of at least 1; got 0."),
+    (["bench", "{artifact}", "--candidate-batch-tokens", "0", "--quiet"],
+     "--candidate-batch-tokens must be an integer of at least 1; got 0."),
+    (["bench", "{artifact}", "--max-retries", "-1", "--quiet"], "--max-retries must be an integer of at least 0; got -1."),
+    (["bench", "{artifact}", "--peak-tflops", "0", "--quiet"], "--peak-tflops must be a positive number"),
+    (["serve", "--artifact", "{artifact}", "--allow-random-weights", "--port", "70000"],
+     "--port 70000 is not a TCP port; pass one from 1 to 65535 (default 8080)."),
+    (["serve", "--artifact", "{artifact}", "--allow-random-weights", "--port", "-1"], "--port -1 is not a TCP port"),
+    (["serve", "--artifact", "{artifact}", "--allow-random-weights", "--port", "{busy}"],
+     "--host 127.0.0.1 --port {busy} cannot be listened on (Address already in use)"),
+], ids=lambda value: value if isinstance(value, str) else "-".join(value[:1] + value[3:]).replace("{", "").replace("}", ""))
+def test_options_at_their_edges_are_refused_in_one_line(tiny_artifact, tiny_checkpoint, tmp_path, capsys, argv,
+                                                        message):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        values = {"artifact": tiny_artifact, "checkpoint": tiny_checkpoint, "tmp": tmp_path,
+                  "pairs": _pairs_file(tmp_path / "pairs.jsonl"), "busy": busy.getsockname()[1]}
+        before = snapshot(tmp_path, tiny_artifact)
+        start = time.perf_counter()
+        assert main([word.format(**values) for word in argv]) == 2
+        err = capsys.readouterr().err
+        assert message.format(**values) in err and "Traceback" not in err, err
+        assert time.perf_counter() - start < 30
+        assert snapshot(tmp_path, tiny_artifact) == before
+
+
+def test_a_lone_surrogate_is_named_where_it_came_from(tiny_artifact, tmp_path, capsys):
+    from ettin_export.serving.rerank_api import ApiError, parse_request
+    from ettin_runtime import PairInputError
+
+    problem = ("holds a lone surrogate '\\udc80' at character 1, which is no character (a JSON escape such as \\udc80 "
+               "makes one); remove it, or decode the source with errors='replace'")
+    pairs = tmp_path / "escaped.jsonl"
+    pairs.write_text('{"query": "q", "document": "fine"}\n{"query": "q", "document": "a\\udc80b"}\n')
+    before = snapshot(tmp_path)
+    assert main(["score", str(tiny_artifact), "--pairs", str(pairs)]) == 2
+    err = capsys.readouterr().err
+    assert f"{pairs}:2: the document {problem}." in err and "Traceback" not in err
+    assert snapshot(tmp_path) == before
+    with Reranker.load(tiny_artifact) as reranker, pytest.raises(PairInputError,
+                                                                 match=re.escape(f"Pair 1: the document {problem}.")):
+        reranker.rank("q", ["fine", "a\udc80b"])
+    with pytest.raises(ApiError) as refused:
+        parse_request(b'{"query": "q", "documents": ["fine", "a\\udc80b"]}', max_documents=10)
+    assert (refused.value.status, refused.value.message) == (422, f"`documents[1]` {problem}")
+
+
+@pytest.mark.parametrize(("call", "error", "message"), [
+    (lambda a: Reranker.load(a, device="bogus"), "ArtifactError",
+     "device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (a GPU's index); got 'bogus'."),
+    (lambda a: Reranker.load(None), "TypeError", "an artifact folder is a path (str or pathlib.Path), got NoneType None."),
+    (lambda a: Reranker.load(a, max_length=True), "ArtifactError", "max_length True is outside"),
+])
+def test_bad_load_arguments_get_clear_errors(tiny_artifact, call, error, message):
+    with pytest.raises(Exception, match=re.escape(message)) as raised:
+        call(tiny_artifact)
+    assert type(raised.value).__name__ == error
+
+
+def test_score_runs_an_fp32_artifact_under_openvino_as_the_readme_says(tiny_artifact, tmp_path, capsys):
+    pytest.importorskip("openvino")
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    assert main(["score", str(tiny_artifact), "--pairs", str(pairs), "--runtime", "openvino"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 6

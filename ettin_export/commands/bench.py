@@ -7,6 +7,7 @@ on the same pairs, in the same process (the protocol and the measuring are ettin
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -32,7 +33,13 @@ from ettin_export.bench.measure import (
     gpu_peak,
     measure,
 )
-from ettin_export.commands.common import add_model_arguments, checked_output, write_atomically
+from ettin_export.commands.common import (
+    add_model_arguments,
+    checked_output,
+    positive_options,
+    torch_device,
+    write_atomically,
+)
 from ettin_export.errors import UsageError
 from ettin_export.sizes import forward_flops
 
@@ -81,9 +88,12 @@ def add_arguments(parser) -> None:
 def _batch_size(text: str) -> int | str:
     if text == "auto":
         return text
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"batch size must be positive, got {value}")
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or `auto`, got {text!r}")
     return value
 
 
@@ -96,6 +106,12 @@ def open_setup(args) -> Setup:
         raise UsageError("name what to measure: an artifact folder, a checkpoint, or --size SIZE --random-weights.")
     if args.runs < 5:
         raise UsageError(f"--runs {args.runs}: medians need at least 5 timed runs.")
+    positive_options(args, "pairs", "candidate_batch_size", "candidate_batch_tokens", "threads", "max_retries",
+                     allow_zero=("max_retries",))
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise UsageError(f"--peak-tflops must be a positive number (the device's peak); got {args.peak_tflops}.")
+    if args.device is not None:
+        torch_device(args.device)
     import torch
 
     if args.threads:

@@ -47,6 +47,12 @@ def run(args) -> int:
     target = get_target(args.target)
     if args.model is None and args.size is None:
         raise UsageError("name a model: a checkpoint folder or hub id, or --size SIZE [--random-weights].")
+    if args.out is not None and not args.out.strip():
+        raise UsageError("--out is empty; name the artifact folder to write (or leave --out out for "
+                         f"{default_out(args, target)}).")
+    if args.onnx_only and target.engine != "tensorrt":
+        raise UsageError(f"--onnx-only stops a TensorRT build after its ONNX; --target {target.name} builds no engine "
+                         "(its artifact is the ONNX graph). Leave --onnx-only out.")
     options = BuildOptions(
         out=Path(args.out) if args.out else default_out(args, target), target=target, max_length=args.max_length,
         max_batch_pairs=args.max_batch_size, max_batch_tokens=args.max_batch_tokens, force=args.force,

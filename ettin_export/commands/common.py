@@ -50,6 +50,18 @@ def open_reranker(args, runtime: str = "auto"):
 
     if lost_manifest(args.model):
         raise ArtifactError(lost_manifest(args.model))
+    if is_artifact(args.model):
+        if args.size is not None:
+            raise UsageError(f"pass an artifact folder or --size, not both ({args.model} is an artifact).")
+        if runtime == "torch":
+            raise UsageError(f"--runtime torch runs a checkpoint with the packed PyTorch model; {args.model} is an "
+                             "artifact, which runs on the runtime its manifest names. Leave --runtime out, or pass "
+                             "the checkpoint it was built from.")
+        torch_only = [f"--{name} {getattr(args, name)}" for name, default in (("device", "cpu"), ("dtype", "float32"))
+                      if getattr(args, name, default) != default]
+        if torch_only:
+            raise UsageError(f"{' and '.join(torch_only)}: for the torch runtime (a checkpoint); {args.model} is an "
+                             "artifact, which runs at its own precision on its runtime's device. Leave them out.")
     if is_artifact(args.model) and runtime != "torch":
         from ettin_runtime import Artifact
 
@@ -62,7 +74,32 @@ def open_reranker(args, runtime: str = "auto"):
     from ettin_export.model.torch_reranker import TorchReranker
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[getattr(args, "dtype", "float32")]
-    return TorchReranker.from_checkpoint(open_checkpoint(args), dtype=dtype, device=getattr(args, "device", "cpu"))
+    device = torch_device(getattr(args, "device", "cpu"))
+    return TorchReranker.from_checkpoint(open_checkpoint(args), dtype=dtype, device=device)
+
+
+def torch_device(device: str, option: str = "--device") -> str:
+    """`device` as torch takes it, on a torch that can reach it; else a UsageError saying what to pass."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise UsageError(f"{option} {device!r} is not a device torch knows; pass cpu or cuda (cuda:N).") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but sees no GPU"
+        raise UsageError(f"{option} {device}: this torch ({torch.__version__}) is {build}. Pass {option} cpu, or install "
+                         "your CUDA build of torch on a machine with a GPU.")
+    return device
+
+
+def positive_options(args, *names: str, allow_zero: tuple[str, ...] = ()) -> None:
+    """Each named integer option, when given, at least 1 (0 for those in `allow_zero`), or a UsageError."""
+    for name in names:
+        value = getattr(args, name, None)
+        least = 0 if name in allow_zero else 1
+        if value is not None and value < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be an integer of at least {least}; got {value}.")
 
 
 def checked_output(out: str | Path, *, reads: tuple = ()) -> Path:

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, allow_artifact=True)
     parser.add_argument("--pairs", required=True, help='JSON lines, one {"query": ..., "document": ...} per line')
     parser.add_argument("--out", help="write the scores here (default: stdout)")
-    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "openvino", "tensorrt"])
     parser.add_argument("--batch-size", type=int, help="at most this many pairs per forward pass")
     parser.add_argument("--activation", choices=["sigmoid", "identity", "default"],
                         help="apply an activation to the raw scores (default: none, raw scores)")

@@ -48,6 +48,7 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    check_address(args.host, args.port)
     if args.triton:
         import asyncio
 
@@ -70,3 +71,23 @@ def run(args) -> int:
                      max_concurrent_requests=args.max_concurrent_requests, model_name=args.served_model_name)
     serve(app, host=args.host, port=args.port, access_log=args.access_log, log_level=args.log_level)
     return 0
+
+
+def check_address(host: str, port: int) -> None:
+    """--host / --port that can be listened on, before the model is loaded: a port is 1 to 65535 (the
+    socket layer would take 70000 as 70000 mod 65536), and no other server may hold it."""
+    import socket
+
+    from ettin_export.errors import UsageError
+
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port {port} is not a TCP port; pass one from 1 to 65535 (default 8080).")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as error:
+        raise UsageError(f"--host {host} --port {port} cannot be listened on ({error.strerror or error}): another "
+                         "server may hold the port, or the address is not this machine's. Choose another --port "
+                         "(or --host).") from None

@@ -49,6 +49,8 @@ def resolve_reference(artifact, reference: str | None):
 
 
 def run(args) -> int:
+    from ettin_export.commands.common import positive_options, torch_device
+
     import torch
 
     from ettin_runtime import Artifact
@@ -59,6 +61,9 @@ def run(args) -> int:
     from ettin_export.progress import Steps
     from ettin_export.targets import get_target
 
+    positive_options(args, "parity_queries")
+    if args.device != "auto":
+        torch_device(args.device)
     artifact = Artifact.open(args.artifact, allow_unverified=args.allow_unverified)
     target = get_target(artifact.target)
     steps = Steps(f"ettin-export verify {args.artifact}", quiet=args.json)

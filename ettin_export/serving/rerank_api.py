@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ettin_runtime.packing import not_text
 from ettin_runtime.reranker import apply_activation
 
 DEFAULT_MAX_DOCUMENTS = 1000
@@ -105,6 +106,8 @@ def parse_request(raw: bytes, *, max_documents: int, truncation_side: str = "rig
     if not isinstance(query, str):
         raise validation("`query` is required and must be a string" if query is None else
                          f"`query` must be a string, got {type(query).__name__}")
+    if (problem := not_text(query)) is not None:
+        raise validation(f"`query` {problem}")
     if "documents" in body and "texts" in body:
         raise validation("send `documents` or `texts` (the same list under TEI's name), not both")
     field = "texts" if "texts" in body else "documents"
@@ -125,6 +128,8 @@ def parse_request(raw: bytes, *, max_documents: int, truncation_side: str = "rig
         if not isinstance(item, str):
             raise validation(f"`{field}[{index}]` must be a string (or {{\"text\": string}}), got "
                              f"{_shown(items[index], 60)}")
+        if (problem := not_text(item)) is not None:
+            raise validation(f"`{field}[{index}]` {problem}")
         documents.append(item)
     top_n = body.get("top_n")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):

@@ -25,6 +25,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -422,6 +423,9 @@ class Artifact:
     @classmethod
     def read(cls, directory: str | Path) -> Artifact:
         """The manifest alone, checked for form; no file is hashed (see `open`)."""
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"an artifact folder is a path (str or pathlib.Path), got {type(directory).__name__} "
+                            f"{directory!r:.60}.")
         root = Path(directory)
         if not root.is_dir():
             raise ArtifactError(f"{root} is not a directory. Pass the artifact folder written by `ettin-export build`.")
@@ -542,6 +546,10 @@ class Artifact:
                 f"pair template's special tokens and one token each of query and document, to the model's "
                 f"positions; the artifact was built and checked at {self.max_length}). Pass a max_length in that range."
             )
+        device = options.device
+        if not ((isinstance(device, int) and not isinstance(device, bool) and device >= 0) or
+                (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda|gpu|(cuda:)?\d+", device.strip().lower()))):
+            raise ArtifactError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (a GPU's index); got {device!r}.")
         # max_batch_tokens is a packing budget: a pair longer than it runs alone, within the engine's limit.
         for name in ("max_batch_tokens", "max_batch_pairs", "threads"):
             value = getattr(options, name)

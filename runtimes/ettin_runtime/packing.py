@@ -176,7 +176,14 @@ class PairEncoder:
         queries, documents = _split_pairs(pairs)
         if not queries:
             return []
-        encodings = self._tokenizer.encode_batch(list(zip(queries, documents)), add_special_tokens=True)
+        try:
+            encodings = self._tokenizer.encode_batch(list(zip(queries, documents)), add_special_tokens=True)
+        except TypeError:  # the tokenizers library's answer to a str that is not text: name the pair instead
+            for index, (query, document) in enumerate(zip(queries, documents)):
+                for role, text in (("query", query), ("document", document)):
+                    if (problem := not_text(text)) is not None:
+                        raise PairInputError(f"Pair {index}: the {role} {problem}.") from None
+            raise
         token_ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
         for index, ids in enumerate(token_ids):
             if len(ids) > self.max_length:  # no runtime is ever handed a pair beyond the limit it was built for
@@ -206,6 +213,16 @@ def _split_pairs(pairs: Sequence[Pair]) -> tuple[list[str], list[str]]:
         queries.append(query)
         documents.append(document)
     return queries, documents
+
+
+def not_text(text: str) -> str | None:
+    """What keeps a str from being text (a lone surrogate, as JSON's "\\udc80" escape makes), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return (f"holds a lone surrogate {text[error.start]!r} at character {error.start}, which is no character (a "
+                "JSON escape such as \\udc80 makes one); remove it, or decode the source with errors='replace'")
+    return None
 
 
 def _preview(value: object) -> str:

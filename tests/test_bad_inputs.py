@@ -593,3 +593,19 @@ def test_score_runs_an_fp32_artifact_under_openvino_as_the_readme_says(tiny_arti
     pairs = _pairs_file(tmp_path / "pairs.jsonl")
     assert main(["score", str(tiny_artifact), "--pairs", str(pairs), "--runtime", "openvino"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 6
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (b'{"query": "q", "documents": ["a"], "top_n": 1' + b"0" * 5000 + b"}", 400,
+     'the request body holds a number of more than 4300 digits; send {"query": "...", "documents": ["...", ...]} '
+     "with a small `top_n`"),
+    (b'{"query": "q", "documents": ["a"], "truncation_direction": ' + b"[" * 900 + b"]" * 900 + b"}", 422,
+     "`truncation_direction` [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[: this model truncates on the right (omit it, "
+     'or send "right")'),
+])
+def test_request_fields_at_their_edges_are_the_clients_errors(body, status, message):
+    from ettin_export.serving.rerank_api import ApiError, parse_request
+
+    with pytest.raises(ApiError) as refused:
+        parse_request(body, max_documents=10)
+    assert (refused.value.status, refused.value.error_type, refused.value.message) == (status, "Validation", message)

@@ -96,6 +96,9 @@ def parse_request(raw: bytes, *, max_documents: int, truncation_side: str = "rig
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ApiError(400, "Validation", f"the request body is not JSON ({error}); send "
                        '{"query": "...", "documents": ["...", ...]}') from error
+    except ValueError:  # JSON, but a number Python will not convert (more than sys.get_int_max_str_digits())
+        raise ApiError(400, "Validation", f"the request body holds a number of more than {sys.get_int_max_str_digits()} "
+                       'digits; send {"query": "...", "documents": ["...", ...]} with a small `top_n`') from None
     except RecursionError:  # the client's body, not the backend: nested deeper than Python's parser goes
         raise ApiError(400, "Validation", "the request body nests arrays or objects too deeply to parse (about "
                        f"{sys.getrecursionlimit()} levels at most); send "

@@ -609,3 +609,22 @@ def test_request_fields_at_their_edges_are_the_clients_errors(body, status, mess
     with pytest.raises(ApiError) as refused:
         parse_request(body, max_documents=10)
     assert (refused.value.status, refused.value.error_type, refused.value.message) == (status, "Validation", message)
+
+
+def test_a_command_that_needs_the_export_extra_says_so_on_a_runtime_only_install(tiny_artifact, tiny_checkpoint,
+                                                                                tmp_path):
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    without_torch = ("import sys; sys.modules['torch'] = None; from ettin_export.cli import main; "
+                     "sys.exit(main(sys.argv[1:]))")  # `import torch` fails as on `pip install ettin-export[ort]`
+    for argv, status in ((["score", str(tiny_checkpoint), "--pairs", str(pairs)], 2),
+                         (["build", str(tiny_checkpoint), "--out", str(tmp_path / "out")], 2),
+                         (["score", str(tiny_artifact), "--pairs", str(pairs)], 0)):  # an artifact needs no torch
+        done = subprocess.run([sys.executable, "-c", without_torch, *argv], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == status, (argv, done.stderr)
+        if status == 2:
+            assert done.stderr.strip() == (
+                f"ettin-export {argv[0]}: error: this command needs torch, which is not installed (a runtime-only "
+                "install): pip install torch==2.13.0 && pip install 'ettin-export[export]' (on a GPU machine, your "
+                "CUDA build of torch first)."), done.stderr
+    assert not (tmp_path / "out").exists()

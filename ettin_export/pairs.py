@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ def read_pairs_jsonl(path: str | Path, allow_empty: bool = False) -> list[tuple[
     """JSON lines of {"query": "...", "document": "..."} ("-" reads standard input); blank lines are
     skipped. Errors name the file and line and show what was found there."""
     try:
-        handle = sys.stdin.buffer if str(path) == "-" else open(path, "rb")
+        handle = _stdin_bytes() if str(path) == "-" else open(path, "rb")
     except OSError as error:
         raise PairsFileError(f"cannot read pairs file {path}: {error.strerror}") from error
     pairs = []
@@ -49,3 +50,9 @@ def read_pairs_jsonl(path: str | Path, allow_empty: bool = False) -> list[tuple[
     if not pairs and not allow_empty:
         raise PairsFileError(f"{path} holds no pairs.")
     return pairs
+
+
+def _stdin_bytes():
+    """Standard input as bytes (a text stream put in its place, as by a test or an embedding app, is encoded)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    return buffer if buffer is not None else io.BytesIO(sys.stdin.read().encode("utf-8", "surrogateescape"))

@@ -628,3 +628,15 @@ def test_a_command_that_needs_the_export_extra_says_so_on_a_runtime_only_install
                 "install): pip install torch==2.13.0 && pip install 'ettin-export[export]' (on a GPU machine, your "
                 "CUDA build of torch first)."), done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_default_out_of_a_checkpoint_named_by_dot_is_the_folders_name(tiny_checkpoint, monkeypatch):
+    from argparse import Namespace
+
+    from ettin_export.commands.build import default_out
+    from ettin_export.targets import get_target
+
+    monkeypatch.chdir(tiny_checkpoint)
+    for model in (".", f"{tiny_checkpoint}/", f"../{tiny_checkpoint.name}"):
+        args = Namespace(size=None, model=model, random_weights=False, precision=None)
+        assert default_out(args, get_target("cpu")) == Path("artifacts") / f"{tiny_checkpoint.name}-cpu", model

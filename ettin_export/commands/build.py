@@ -35,7 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def default_out(args, target) -> Path:
-    name = args.size or Path(args.model.rstrip("/")).name
+    if args.size:
+        name = args.size
+    elif Path(args.model).is_dir():
+        name = Path(args.model).resolve().name  # ".", "../ckpt": the folder's own name, not "" ("artifacts/-cpu")
+    else:
+        name = Path(args.model.rstrip("/")).name  # a hub id's repository name
     precision = f"-{args.precision}" if args.precision and args.precision != target.precision else ""
     return Path("artifacts") / f"{name}{'-random' if args.random_weights else ''}-{target.name}{precision}"
 

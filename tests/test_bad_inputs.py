@@ -640,3 +640,19 @@ def test_the_default_out_of_a_checkpoint_named_by_dot_is_the_folders_name(tiny_c
     for model in (".", f"{tiny_checkpoint}/", f"../{tiny_checkpoint.name}"):
         args = Namespace(size=None, model=model, random_weights=False, precision=None)
         assert default_out(args, get_target("cpu")) == Path("artifacts") / f"{tiny_checkpoint.name}-cpu", model
+
+
+def test_the_triton_client_without_a_server_says_so_over_http_as_over_grpc():
+    pytest.importorskip("tritonclient.http")
+    from ettin_export.serving.triton_server import free_port
+    from ettin_runtime import TritonReranker
+    from ettin_runtime.triton_client import TritonRerankerError
+
+    port = free_port()  # nothing listens there
+    with pytest.raises(TritonRerankerError, match=re.escape(
+            f"cannot read the reranker model's configuration (http://localhost:{port}, model 'ettin_reranker'): ") +
+            r".*" + re.escape(f"Is the server up, and is localhost:{port} its HTTP port (tritonserver's defaults: "
+                              "HTTP 8000, gRPC 8001)?")):
+        TritonReranker(f"localhost:{port}", "ettin_reranker")
+    with pytest.raises(TypeError, match=re.escape("url must be the server's 'host:port'")):
+        TritonReranker(None)

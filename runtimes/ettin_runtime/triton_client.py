@@ -113,6 +113,8 @@ class TritonReranker(Reranker):
         headers: dict | None = None,
         channel_args: list | None = None,
     ):
+        if not isinstance(url, str) or not url.strip():
+            raise TypeError(f"url must be the server's 'host:port' (HTTP 8000 or gRPC 8001 by default), got {url!r}.")
         self._module, self._server_error = _import_client(protocol)
         self.url, self._ssl = _split_url(url, protocol)
         self.model = model
@@ -184,6 +186,12 @@ class TritonReranker(Reranker):
                 config = client.get_model_config(self.model, headers=self.headers)
         except self._server_error as error:
             raise self._error(error, "cannot read the reranker model's configuration") from error
+        except OSError as error:  # the HTTP client's refused or reset connection (gRPC's come as server errors)
+            refused = self._error(error, "cannot read the reranker model's configuration")
+            raise TritonRerankerError(
+                f"{refused}. Is the server up, and is "
+                f"{self.url} its {self.protocol.upper()} port (tritonserver's defaults: HTTP 8000, gRPC 8001)?"
+            ) from error
         inputs = {tensor["name"] for tensor in config.get("input", [])}
         if not {"query", "documents"} <= inputs:
             raise TritonRerankerError(
@@ -236,7 +244,7 @@ class TritonReranker(Reranker):
                 for i, handle in zip(window, pending):
                     try:
                         results[i] = self._result(handle.get_result())
-                    except self._server_error as error:
+                    except (self._server_error, OSError) as error:
                         raise self._error(error, "the reranker request failed") from error
             return results
         done = threading.Condition()

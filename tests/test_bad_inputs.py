@@ -656,3 +656,19 @@ def test_the_triton_client_without_a_server_says_so_over_http_as_over_grpc():
         TritonReranker(f"localhost:{port}", "ettin_reranker")
     with pytest.raises(TypeError, match=re.escape("url must be the server's 'host:port'")):
         TritonReranker(None)
+
+
+def test_an_existing_artifact_that_cannot_be_replaced_is_refused_before_the_build(tiny_artifact, tiny_checkpoint,
+                                                                                 tmp_path, capsys):
+    out = shutil.copytree(tiny_artifact, tmp_path / "art")
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        before = snapshot(tmp_path)
+        start = time.perf_counter()
+        assert main(["build", str(tiny_checkpoint), "--out", str(out), "--force", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} cannot be replaced: it is not writable for this user" in err and "Traceback" not in err
+        assert time.perf_counter() - start < 30 and snapshot(tmp_path) == before
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], capture_output=True)

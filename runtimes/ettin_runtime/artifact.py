@@ -590,6 +590,9 @@ def unwritable_problem(destination: str | Path, option: str) -> str | None:
         why = ("is on a read-only file system" if read_only else
                "is not writable for this user (its permissions, or an immutable attribute: lsattr -d shows it)")
         return f"{option} {destination}: the folder {folder} {why}. Choose another {option}, or make {folder} writable."
+    if destination.is_dir() and not os.access(destination, os.W_OK | os.X_OK):  # replaced: moved aside, then removed
+        return (f"{option} {destination} cannot be replaced: it is not writable for this user (its permissions, or an "
+                f"immutable attribute: lsattr -d shows it). Choose another {option}, or make it writable.")
     return None
 
 

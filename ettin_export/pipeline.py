@@ -277,6 +277,36 @@ def _with_runtime(artifact: Artifact, engine: Engine, runtime: str, recipe: dict
     return artifact
 
 
+def require_native(precision) -> None:
+    """Refuse a precision this CPU would only emulate: its gate would judge fp32 numerics and the artifact
+    would then run, on a CPU that has the precision, numerics no gate saw."""
+    from ettin_runtime.machine import describe, this_machine
+
+    machine = this_machine()
+    if not precision.runs_natively(machine["features"]):
+        raise BuildError(
+            f"--precision {precision.name} needs a CPU with {' or '.join(f.upper() for f in precision.native_features)}; "
+            f"this one has neither ({describe(machine)}), so {' / '.join(precision.runtimes)} would compute in fp32 and "
+            f"the parity gate would judge fp32, not {precision.name}. Build it on such a CPU (AMD Zen 4 / Zen 5, Intel "
+            f"Sapphire Rapids or newer; `grep -o 'avx512_bf16\\|amx_bf16' /proc/cpuinfo` shows it), or build "
+            "--precision fp32 or int8 here."
+        )
+
+
+def record_machine(report: ParityReport, runtime, runtime_name: str) -> ParityReport:
+    """Record in `report` what the gate ran on: this CPU (model, features, class) and the precision the
+    runtime computed in; a gate that did not compute the artifact's precision fails."""
+    from ettin_runtime.machine import this_machine
+
+    computed = getattr(runtime, "computed_precision", report.precision)
+    report.judged_on = {**this_machine(), "runtime": runtime_name, "precision_computed": computed}
+    if computed != report.precision:
+        report.failures.append(
+            f"the gate ran at {computed}, not {report.precision}: {runtime_name} does not compute {report.precision} "
+            "on this CPU, so the scores judged are not those the artifact gives where it does")
+    return report
+
+
 def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, staging: StagedFolder) -> ParityReport:
     """The CPU artifact at the asked precision, written into `staging`; returns the parity report.
 
@@ -292,6 +322,7 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
 
     precision = CPU_PRECISIONS[options.target.precision_of(options.precision)]
     candidates = runtime_candidates(precision, options.runtime)  # before long work: a missing runtime stops here
+    require_native(precision)  # and so does a precision this CPU would only emulate
     model, run = reference_model(checkpoint, options, steps)
     fp32_dir = staging.path if precision.name != "int8" else StagedFolder(options.out, "fp32").path
     try:
@@ -341,6 +372,7 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
             runtime = artifact.load(device="cpu")
             report = run.judge(options.target, f"{runtime_name} {precision.name} (CPU)", runtime.predict(run.pairs),
                                precision=precision.name)
+            record_machine(report, runtime, runtime_name)
             runtime.close()
         verdicts[runtime_name] = "passed" if report.passed else "; ".join(report.failures)
         judged.append((runtime_name, report))

@@ -71,10 +71,16 @@ class Precision:
     bounds: ScoreBounds
     runtimes: tuple[str, ...]  # ettin_runtime.artifact.RUNTIMES keys, the first when nothing is timed
     recipe: tuple[tuple[str, object], ...] = ()
+    # Any one of these CPU features (ettin_runtime.machine) makes the precision run natively; () for any CPU.
+    # Without them a runtime emulates it in fp32, so a gate judged there would not judge the precision.
+    native_features: tuple[str, ...] = ()
 
     @property
     def recipe_json(self) -> dict:
         return dict(self.recipe)
+
+    def runs_natively(self, features) -> bool:
+        return not self.native_features or any(name in features for name in self.native_features)
 
 
 CPU_PRECISIONS = {
@@ -95,7 +101,7 @@ CPU_PRECISIONS = {
                    # no per-op fp32 override for bf16 (rt_info disable_fp16_compression has no effect there).
                    ("bf16", "matrix products, LayerNorm (MVN: fp32 accumulation inside), rotary, the attention "
                             "subgraph (softmax accumulates in fp32 inside)"),
-                   ("kept_fp32", "the score output"))),
+                   ("kept_fp32", "the score output")), native_features=("avx512_bf16", "amx_bf16")),
     )
 }
 

@@ -18,6 +18,7 @@ import pytest
 
 from ettin_export import targets
 from ettin_export.parity import References, judge
+from ettin_runtime.machine import cpu_class, describe, native_bf16
 
 pytest.importorskip("openvino", reason="the bf16 CPU precision runs on OpenVINO: pip install 'ettin-export[openvino]'")
 
@@ -46,14 +47,25 @@ def _build(checkpoint, out, precision, **options):
     return run_build(lambda: load_checkpoint(str(checkpoint), max_length=MAX_LENGTH), build)
 
 
+NATIVE_BF16 = native_bf16()
+NO_BF16 = (f"this CPU ({describe()}) has no bf16 instructions, so bf16 builds are refused here "
+           "(test_bf16_is_refused_without_native_bf16); the built bf16 artifact is tested where it has them")
+
+
 @pytest.fixture(scope="module")
 def reduced(tmp_path_factory, tiny_checkpoint, relaxed_gates):
     root = tmp_path_factory.mktemp("precisions")
     built = {}
-    for precision in ("int8", "bf16"):
+    for precision in ("int8", "bf16") if NATIVE_BF16 else ("int8",):
         assert _build(tiny_checkpoint, root / precision, precision) == 0
         built[precision] = root / precision
     return built
+
+
+def _built(reduced, precision):
+    if precision not in reduced:
+        pytest.skip(NO_BF16)
+    return reduced[precision]
 
 
 # --- the gates at their real bounds -------------------------------------------------------------------
@@ -114,12 +126,16 @@ def test_reduced_builds_record_precision_recipe_runtime_and_keep_the_graph_contr
     from ettin_export.graph.validate import check_graph_contract
     from ettin_runtime import Artifact
 
-    artifact = Artifact.open(reduced[precision])
+    artifact = Artifact.open(_built(reduced, precision))
     assert artifact.precision == precision and artifact.engine.runtime == runtime
     record = artifact.engine.record
     assert record["runtime_choice"]["chosen"] == runtime and record["recipe"]["method"]
-    parity = json.loads((reduced[precision] / "parity.json").read_text())
+    parity = json.loads((_built(reduced, precision) / "parity.json").read_text())
     assert parity["precision"] == precision and parity["passed"]
+    # the gate's CPU and the precision its runtime computed in, in parity.json and the manifest
+    assert parity["judged_on"] == artifact.judged_on()
+    assert artifact.judged_on()["class"] == cpu_class() and artifact.judged_on()["precision_computed"] == precision
+    assert artifact.judged_on()["runtime"] == runtime
     proto = onnx.load(str(artifact.path(artifact.engine.file)), load_external_data=False)
     layers = artifact.model.num_layers
     check_graph_contract(proto, layers)  # the custom op, its function body and the I/O survive
@@ -152,8 +168,8 @@ def test_reduced_artifacts_load_and_rank_like_fp32(reduced, tiny_artifact, preci
     pairs = contract_pairs(seed=23)
     with Reranker.load(tiny_artifact, runtime="onnxruntime") as fp32:
         reference = fp32.predict(pairs)
-    gate = json.loads((reduced[precision] / "parity.json").read_text())["metrics"]["max_abs_diff"]
-    with Reranker.load(reduced[precision]) as reranker:
+    gate = json.loads((_built(reduced, precision) / "parity.json").read_text())["metrics"]["max_abs_diff"]
+    with Reranker.load(_built(reduced, precision)) as reranker:
         scores = reranker.predict(pairs)
         assert scores.dtype == np.float32 and scores.shape == (len(pairs),)
         # within a few times what the gate measured on its own set, and the same order by and large
@@ -172,12 +188,12 @@ def test_reduced_artifacts_load_and_rank_like_fp32(reduced, tiny_artifact, preci
 def test_verify_and_bench_open_reduced_artifacts(reduced, tiny_checkpoint, precision, capsys):
     from ettin_export.cli import main
 
-    assert main(["verify", str(reduced[precision]), "--parity-queries", "2", "--json"]) == 0
+    assert main(["verify", str(_built(reduced, precision)), "--parity-queries", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["precision"] == precision and report["passed"]
     # int8 against nothing; bf16 against OpenVINO's own bf16 on the padded export of the same modules
     baseline = {"int8": "none", "bf16": "openvino-padded"}[precision]
-    code = main(["bench", str(reduced[precision]), "--reference", str(tiny_checkpoint), "--pairs", "16", "--runs", "5",
+    code = main(["bench", str(_built(reduced, precision)), "--reference", str(tiny_checkpoint), "--pairs", "16", "--runs", "5",
                  "--timing", "inside", "--baseline", baseline, "--json", "--quiet"])
     assert code in (0, 4)  # 4: this shared machine was loaded; the figures are still there
     bench = json.loads(capsys.readouterr().out)
@@ -213,6 +229,71 @@ def test_a_wrong_head_scale_fails_the_int8_gate(tiny_checkpoint, tmp_path, relax
     assert not parity["passed"] and any("score scale 1.2" in f for f in parity["failures"])
     printed = capsys.readouterr()
     assert "--parity-pairs FILE" in printed.out + printed.err  # what a reduced precision's failure means
+
+
+def test_bf16_is_refused_without_native_bf16(tiny_checkpoint, tmp_path, monkeypatch):
+    """On a CPU without AVX512_BF16 / AMX-BF16 OpenVINO computes a bf16 hint in fp32: the gate would judge
+    fp32. The build refuses before any work, and says where to build."""
+    from ettin_export.errors import BuildError
+    from ettin_runtime import machine
+
+    monkeypatch.setattr(machine, "cpu_features", lambda: ["avx2", "fma", "avx512f", "avx512_vnni"])
+    with pytest.raises(BuildError, match=r"needs a CPU with AVX512_BF16 or AMX_BF16.*class avx512-vnni.*"
+                                         r"Zen 4 / Zen 5.*fp32 or int8 here"):
+        _build(tiny_checkpoint, tmp_path / "bf16", "bf16")
+    assert not any(tmp_path.iterdir())
+
+
+def test_openvino_reports_the_precision_it_compiled():
+    """computed_precision is what OpenVINO compiled, judged against OpenVINO's own capability list."""
+    import openvino
+    from openvino import opset13 as ops
+
+    from ettin_runtime.backends.openvino import computed_precision
+
+    core = openvino.Core()
+    x = ops.parameter([2, 8], np.float32)
+    model = openvino.Model([ops.matmul(x, ops.constant(np.ones((8, 4), np.float32)), False, False)], [x])
+    has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    bf16 = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    assert computed_precision(bf16, "bf16") == ("bf16" if has_bf16 else "fp32")
+    assert computed_precision(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), "f32") == "fp32"
+
+
+def test_a_gate_that_did_not_compute_its_precision_fails(tiny_checkpoint, tmp_path, relaxed_gates, monkeypatch):
+    """Were the CPU flags wrong (a VM hiding them, a runtime that declines), the runtime's own report of
+    what it compiled decides: a bf16 gate computed in fp32 is rejected, whatever its ranks."""
+    from ettin_runtime import machine
+    from ettin_runtime.backends import openvino as backend
+
+    monkeypatch.setattr(machine, "cpu_features", lambda: ["avx2", "fma", "avx512f", "avx512_bf16"])
+    monkeypatch.setattr(backend, "computed_precision", lambda compiled, asked: "fp32")
+    out = tmp_path / "bf16"
+    assert _build(tiny_checkpoint, out, "bf16") == 1
+    parity = json.loads((tmp_path / "bf16.rejected" / "parity.json").read_text())
+    assert not out.exists() and not parity["passed"]
+    assert any(f.startswith("the gate ran at fp32, not bf16") for f in parity["failures"])
+    assert parity["judged_on"]["precision_computed"] == "fp32"
+
+
+def test_loading_on_another_cpu_class_warns_once(reduced, tmp_path):
+    import shutil
+    import warnings
+
+    from ettin_runtime import Artifact, Reranker
+
+    folder = tmp_path / "int8"
+    shutil.copytree(reduced["int8"], folder)
+    artifact = Artifact.open(folder)
+    other = "avx2" if cpu_class() != "avx2" else "avx512-vnni"
+    figures = {**artifact.parity.figures, "judged_on": {**artifact.judged_on(), "class": other, "cpu": "Elsewhere CPU"}}
+    artifact.replace(parity=dataclasses.replace(artifact.parity, figures=figures)).write()
+    with pytest.warns(RuntimeWarning, match=rf"ran on a CPU of class {other} \(Elsewhere CPU\).*ettin-export verify"):
+        Reranker.load(folder).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Reranker.load(folder).close()  # once per folder and process
+        Reranker.load(reduced["int8"]).close()  # judged on this class: no warning
 
 
 @pytest.mark.parametrize("precision, runtime, problem", [
@@ -276,7 +357,7 @@ def test_deploy_triton_serves_reduced_artifacts_with_their_own_runtime(reduced, 
     from .tritonserver import harness, server_env_or_skip
 
     repo = tmp_path / "models"
-    assert main(["deploy", "triton", str(reduced[precision]), "--repo", str(repo), "--allow-random-weights"]) == 0
+    assert main(["deploy", "triton", str(_built(reduced, precision)), "--repo", str(repo), "--allow-random-weights"]) == 0
     record = json.loads((repo / "ettin-deploy.json").read_text())
     engine_config = (repo / record["engine_model"] / "config.pbtxt").read_text()
     runtime = {"int8": "onnxruntime", "bf16": "openvino"}[precision]
@@ -288,15 +369,15 @@ def test_deploy_triton_serves_reduced_artifacts_with_their_own_runtime(reduced, 
         from ettin_export.deploy.repository import DeployOptions, deploy_triton
 
         with pytest.raises(DeployError, match="--cpu-backend python"):
-            deploy_triton(reduced[precision], DeployOptions(repo=tmp_path / "other", cpu_backend="onnxruntime",
+            deploy_triton(_built(reduced, precision), DeployOptions(repo=tmp_path / "other", cpu_backend="onnxruntime",
                                                            allow_random_weights=True))
     env = server_env_or_skip()
     from .contract import contract_pairs
 
     pairs = contract_pairs(seed=29)
-    with Reranker.load(reduced[precision]) as local:
+    with Reranker.load(_built(reduced, precision)) as local:
         expected = local.predict(pairs)
-    gate = json.loads((reduced[precision] / "parity.json").read_text())["metrics"]["max_abs_diff"]
+    gate = json.loads((_built(reduced, precision) / "parity.json").read_text())["metrics"]["max_abs_diff"]
     server = harness.start_server(repo, env, log_path=tmp_path / "server.log", die_with_parent=True,
                                   extra_args=record["server_args"])
     try:

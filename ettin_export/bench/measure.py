@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from ettin_runtime.machine import CPU_FEATURES, cpu_features, cpu_name, describe  # noqa: F401  (re-exported)
 
 import numpy as np
 
@@ -245,36 +245,9 @@ def _loadavg() -> float | None:
         return None
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# The x86 features that decide CPU speed and numerics here: AVX2/AVX-512 (fp32 GEMM width), VNNI (int8
-# dot products without int16 pair sums), AVX512_BF16 / AMX (native bf16).
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def cpu_features() -> list[str]:
-    """Those of CPU_FEATURES this CPU reports (/proc/cpuinfo), in that order; [] where unknown."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [name for name in CPU_FEATURES if name in flags]
-    except OSError:
-        pass
-    return []
-
-
 def cpu_description() -> str:
-    """e.g. 'AMD EPYC (avx2 fma), 2 cores': what a CPU figure is quoted with."""
-    return f"{cpu_name()} ({' '.join(cpu_features()) or 'features unknown'}), {os.cpu_count()} cores"
+    """e.g. 'AMD EPYC (avx2 fma; class avx2), 2 cores': what a CPU figure is quoted with."""
+    return describe()
 
 
 def gpu_peak(device_name: str | None, precision: str, override: float | None) -> float | None:

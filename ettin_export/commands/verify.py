@@ -88,6 +88,10 @@ def run(args) -> int:
     candidate_name = f"{artifact.engine.runtime} {artifact.precision} ({Path(args.artifact).name})"
     with steps.step(f"judging against the {target.precision} bounds"):
         report = run.judge(target, candidate_name, candidate, precision=artifact.precision)
+        if target.engine == "onnx":
+            from ettin_export.pipeline import record_machine
+
+            record_machine(report, runtime, artifact.engine.runtime)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -136,6 +136,9 @@ class ParityReport:
     anchor_precision: str = "fp64"
     bounds: dict = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    # CPU targets: the machine the gate ran on and the precision its runtime computed in
+    # (ettin_export.pipeline.gate_machine); None where not recorded.
+    judged_on: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -157,6 +160,8 @@ class ParityReport:
             "top1_agreement": m.top1_agreement, "top10_overlap": m.top10_overlap,
             "max_abs_bound": self.bounds.get("max_abs_diff"),
         }
+        if self.judged_on is not None:
+            out["judged_on"] = self.judged_on
         if self.reference_lowp_metrics is not None:
             out["reference_lowp"] = self.reference_lowp
             out["reference_lowp_max_abs_diff"] = self.reference_lowp_metrics.max_abs_diff
@@ -252,5 +257,9 @@ def format_report(report: ParityReport) -> str:
         f"  bounds: {rule}, Spearman ≥ {b['spearman']:g}, top-1 ≥ {b['top1_agreement']:g}, "
         f"top-10 overlap ≥ {b['top10_overlap']:g}{scale}"
     )
+    if report.judged_on:
+        j = report.judged_on
+        lines.append(f"  judged on: {j['cpu']} ({' '.join(j['features']) or 'features unknown'}; class {j['class']}), "
+                     f"computed in {j['precision_computed']}")
     lines.append("  PASSED" if report.passed else "  FAILED: " + "; ".join(report.failures))
     return "\n".join(lines)

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,6 +336,9 @@ def lost_manifest(path: str | Path | None) -> str | None:
             "artifact again, or rebuild it with `ettin-export build ... --out DIR`.")
 
 
+_WARNED_ELSEWHERE: set[str] = set()
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -531,7 +535,29 @@ class Artifact:
         self.check_options(load_options)
         module_name, class_name = RUNTIMES[name].split(":")
         backend = getattr(importlib.import_module(module_name), class_name)
-        return backend.from_artifact(self, load_options)
+        reranker = backend.from_artifact(self, load_options)
+        self.warn_if_judged_elsewhere()
+        return reranker
+
+    def judged_on(self) -> Mapping | None:
+        """The machine the parity gate ran on (CPU artifacts built since it was recorded), else None."""
+        return (self.parity.figures.get("judged_on") if self.parity else None) or None
+
+    def warn_if_judged_elsewhere(self) -> None:
+        """Once per artifact folder and process: a CPU artifact loaded on a CPU of another kernel class
+        than its gate's (ettin_runtime.machine.cpu_class) may score beyond what the gate saw."""
+        from .machine import cpu_class, describe, this_machine
+
+        judged = self.judged_on()
+        if self.target != "cpu" or not judged or str(self.root) in _WARNED_ELSEWHERE:
+            return
+        if judged.get("class") != cpu_class():
+            _WARNED_ELSEWHERE.add(str(self.root))
+            warnings.warn(
+                f"{self.root}: its {self.precision} parity gate ran on a CPU of class {judged.get('class')} "
+                f"({judged.get('cpu')}); this one is {describe(this_machine())}. Its kernels differ, so its scores may "
+                f"differ beyond what the gate saw: re-judge it here with `ettin-export verify {self.root}`.",
+                RuntimeWarning, stacklevel=3)
 
     def check_options(self, options) -> None:
         """LoadOptions against this artifact's facts, before any runtime allocates anything."""

@@ -56,6 +56,16 @@ def cpu_supports_bf16(core) -> bool:
         return False
 
 
+def computed_precision(compiled, asked: str) -> str:
+    """'bf16' or 'fp32': the inference precision the compiled model reports (the asked one where it
+    reports none)."""
+    try:
+        reported = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+    except Exception:  # noqa: BLE001 - an OpenVINO without the property
+        reported = asked
+    return "bf16" if "bf16" in reported or "bfloat16" in reported else "fp32"
+
+
 class OpenVinoReranker(PackedBatchReranker):
     def __init__(self, compiled, encoder: PairEncoder, artifact: Artifact, *, max_batch_tokens: int,
                  max_batch_pairs: int, inference_precision: str, token_limit: int | None = None):
@@ -64,6 +74,8 @@ class OpenVinoReranker(PackedBatchReranker):
         self.compiled = compiled
         self.artifact = artifact
         self.inference_precision = inference_precision
+        # What OpenVINO compiled, not what was asked: a bf16 hint on a CPU without bf16 compiles to f32.
+        self.computed_precision = computed_precision(compiled, inference_precision)
         self._local = threading.local()
 
     @classmethod

@@ -91,7 +91,7 @@ CPU_PRECISIONS = {
         Precision("int8", "int8 linear layers (ONNX Runtime dynamic quantization, per channel)", INT8_BOUNDS,
                   ("onnxruntime",),
                   (("method", "onnxruntime.quantization.quantize_dynamic"), ("weights", "int8 symmetric, per output channel, 7-bit range (reduce_range: no int16 saturation without VNNI)"),
-                   ("activations", "uint8, per batch (dynamic)"), ("quantized", "every linear layer of the backbone"),
+                   ("activations", "uint8 symmetric per token (scale max|x|/127 per row, zero point 128): a pair scores the same whatever its batch"), ("quantized", "every linear layer of the backbone"),
                    ("kept_fp32", "embeddings, attention (softmax, scores), norms, rotary, the head (Dense, classifier)"))),
         Precision("bf16", "bf16 matrix products (OpenVINO's bf16 inference precision on AVX512_BF16 / AMX)",
                   BF16_CPU_BOUNDS, ("openvino",),

@@ -69,6 +69,7 @@ class BuildOptions:
     parity_pairs: str | None = None  # a pairs file to gate on instead of the built-in set
     precision: str | None = None  # None: the target's (cpu: fp32; also int8, bf16)
     runtime: str | None = None  # None: the fastest of the precision's runtimes installed here
+    traffic: str = "nq-like"  # the pairs runtimes are timed on: a length profile or a JSON-lines pairs file
     quiet: bool = False
     command_line: list[str] = field(default_factory=lambda: list(sys.argv))
 
@@ -207,8 +208,8 @@ def onnx_engine(path: Path, external_data: Path | None, **changes) -> Engine:
 # --- target cpu: fp32, int8 or bf16 ONNX for ONNX Runtime / OpenVINO ---------------------------------
 
 
-RUNTIME_TIMING_TOKENS = 4096  # the sample each candidate runtime is timed on (a few batches' worth)
-RUNTIME_TIMING_RUNS = 3
+RUNTIME_TIMING_PAIRS = 128  # traffic-shaped pairs each candidate runtime is timed on
+RUNTIME_TIMING_RUNS = 5  # interleaved rounds; the median decides
 
 
 def _importable(runtime: str) -> bool:
@@ -236,18 +237,23 @@ def runtime_candidates(precision, requested: str | None) -> list[str]:
     return installed
 
 
+def traffic_pairs(artifact: Artifact, traffic: str) -> tuple[list[tuple[str, str]], str]:
+    """The pairs the runtimes are timed on: RUNTIME_TIMING_PAIRS of a length profile (nq-like by default,
+    text of exact token counts under the artifact's tokenizer) or of the user's pairs file."""
+    from ettin_export.synthetic.lengths import load_pairs
+
+    encoder = PairEncoder.from_dir(artifact.root, artifact.max_length)
+    pairs, _ = load_pairs(traffic, encoder._tokenizer, RUNTIME_TIMING_PAIRS, seed=0)
+    return pairs[:RUNTIME_TIMING_PAIRS], traffic if not Path(traffic).is_file() else f"file {Path(traffic).name}"
+
+
 def time_runtimes(artifact: Artifact, candidates: list[str], pairs, steps: Steps) -> dict[str, float]:
-    """pairs/s of each candidate runtime on the same sample, interleaved, median of a few passes."""
+    """pairs/s of each candidate runtime on the same pairs, in interleaved rounds, median."""
     import statistics
     import time
 
-    lengths = [len(ids) for ids in PairEncoder.from_dir(artifact.root, artifact.max_length).encode(pairs)]
-    sample, tokens = [], 0
-    for pair, length in zip(pairs, lengths):
-        if sample and tokens + length > RUNTIME_TIMING_TOKENS:
-            break
-        sample.append(pair)
-        tokens += length
+    sample = list(pairs)
+    tokens = sum(len(ids) for ids in PairEncoder.from_dir(artifact.root, artifact.max_length).encode(sample))
     runtimes = {name: artifact.load(runtime=name, device="cpu") for name in candidates}
     seconds: dict[str, list[float]] = {name: [] for name in candidates}
     with steps.step(f"timing {' and '.join(candidates)} on {len(sample)} pairs ({tokens} tokens)"):
@@ -358,7 +364,11 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
     artifact = new_artifact(checkpoint, options, staging.path, engine=engine, limits=limits, precision=precision.name)
     choice = {"candidates": candidates, "by": "--runtime" if options.runtime else "the only one installed"}
     if len(candidates) > 1:
-        choice.update(pairs_per_s=time_runtimes(artifact, candidates, run.pairs, steps), by="timed on this machine")
+        from ettin_runtime.machine import this_machine
+
+        sample, traffic = traffic_pairs(artifact, options.traffic)
+        choice.update(pairs_per_s=time_runtimes(artifact, candidates, sample, steps), by="timed on this machine",
+                      traffic=traffic, timed_pairs=len(sample), machine=this_machine())
         candidates = sorted(candidates, key=lambda name: -choice["pairs_per_s"][name])
     # The fastest runtime that passes the gate: runtimes round differently (OpenVINO's fp32 kernels sit
     # closer to the fp32 bound than ONNX Runtime's at 150m), so each is judged, in order of speed; when
@@ -496,6 +506,11 @@ def run_build(checkpoint_loader, options: BuildOptions, hooks: EngineHooks | Non
     prepare_output(options.out, options.force)
     if options.parity_pairs and options.parity_pairs != "-":
         read_parity_file(options.parity_pairs)  # a bad file is named now, not after the model is built
+    if target.engine == "onnx":
+        from ettin_export.synthetic.lengths import PROFILES, read_pairs_file
+
+        if options.traffic not in PROFILES:
+            read_pairs_file(options.traffic)  # likewise (a missing or malformed file is a clear error)
     steps = Steps(f"ettin-export build --target {target.name} -> {options.out}", quiet=options.quiet)
     if target.engine == "tensorrt" and not options.onnx_only:
         steps.note(", ".join(f"{k}: {v}" for k, v in facts.items()))

@@ -358,6 +358,14 @@ def test_a_runtime_that_cannot_run_the_precision_is_refused_before_work(tiny_che
     assert not any(tmp_path.iterdir())
 
 
+def test_an_unreadable_traffic_file_is_refused_before_work(tiny_checkpoint, tmp_path):
+    from ettin_export.errors import EttinError
+
+    with pytest.raises(EttinError, match="nope.jsonl"):
+        _build(tiny_checkpoint, tmp_path / "x", "fp32", traffic=str(tmp_path / "nope.jsonl"))
+    assert not (tmp_path / "x").exists()
+
+
 def test_build_gates_on_the_users_own_pairs(tiny_checkpoint, tmp_path):
     from ettin_export.synthetic.text import random_sentence
 
@@ -381,8 +389,13 @@ def test_the_fastest_runtime_that_passes_the_gate_is_chosen(tiny_checkpoint, tmp
     from ettin_runtime import Artifact
     from ettin_runtime.backends.openvino import OpenVinoReranker
 
-    monkeypatch.setattr(pipeline, "time_runtimes",
-                        lambda artifact, candidates, pairs, steps: {"openvino": 200.0, "onnxruntime": 100.0})
+    timed = []
+
+    def time_runtimes(artifact, candidates, pairs, steps):
+        timed.append(pairs)
+        return {"openvino": 200.0, "onnxruntime": 100.0}
+
+    monkeypatch.setattr(pipeline, "time_runtimes", time_runtimes)
     real = OpenVinoReranker._score
     monkeypatch.setattr(OpenVinoReranker, "_score", lambda self, batch: real(self, batch) + np.float32(1e-3))
     out = tmp_path / "chosen"
@@ -392,6 +405,14 @@ def test_the_fastest_runtime_that_passes_the_gate_is_chosen(tiny_checkpoint, tmp
     assert artifact.engine.runtime == "onnxruntime" and choice["chosen"] == "onnxruntime"
     assert choice["gate"]["onnxruntime"] == "passed" and choice["gate"]["openvino"].startswith("max |Δscore|")
     assert choice["pairs_per_s"] == {"openvino": 200.0, "onnxruntime": 100.0}
+    # timed on traffic-shaped pairs (NQ-like: ~120 tokens a pair), not on the parity set, on this CPU
+    from ettin_runtime.packing import PairEncoder
+
+    (pairs,) = timed
+    lengths = [len(ids) for ids in PairEncoder.from_dir(out, MAX_LENGTH).encode(pairs)]
+    assert len(pairs) == pipeline.RUNTIME_TIMING_PAIRS and 90 <= np.mean(lengths) <= 150
+    assert choice["traffic"] == "nq-like" and choice["timed_pairs"] == len(pairs)
+    assert choice["machine"]["class"] == cpu_class()
     assert "openvino_version" not in artifact.engine.record
 
 

@@ -17,7 +17,10 @@ from ettin_export.bench.openvino_padded import MAX_SCORE_DIFF_F32, export_padded
 
 
 class OnnxRuntimeInt8PaddedContender(CrossEncoderContender):
-    def __init__(self, path: str, max_length: int, batch_size: int | str, log=lambda message: None):
+    """`int8=False`: the same padded export in fp32 (what sentence-transformers' backend="onnx" runs)."""
+
+    def __init__(self, path: str, max_length: int, batch_size: int | str, log=lambda message: None, *,
+                 int8: bool = True):
         import onnxruntime
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -33,6 +36,11 @@ class OnnxRuntimeInt8PaddedContender(CrossEncoderContender):
         worst = float(np.max(np.abs(self.predict(sample) - CrossEncoderContender.predict(self, sample))))
         if worst > MAX_SCORE_DIFF_F32:
             raise RuntimeError(f"the padded export differs from CrossEncoder by {worst:.3g} in fp32: not a fair peer.")
+        if not int8:
+            self.description = {**self.description, "kind": "ONNX Runtime fp32 on a padded ONNX export of the "
+                                "CrossEncoder modules", "version": onnxruntime.__version__,
+                                "fp32_export_max_abs_diff_vs_crossencoder": worst}
+            return
         quantize_dynamic(str(fp32), str(folder / "padded-int8.onnx"), weight_type=QuantType.QInt8)
         self.session = onnxruntime.InferenceSession(str(folder / "padded-int8.onnx"), providers=["CPUExecutionProvider"])
         self.description = {**self.description, "kind": "ONNX Runtime dynamic int8 on a padded ONNX export of the "

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parity-pairs", metavar="FILE",
                         help='gate on your own pairs: JSON lines {"query", "document"}, grouped by query (30+ '
                              "documents per query make the ranking bounds meaningful); default: the built-in set")
+    parser.add_argument("--traffic", default="nq-like", metavar="PROFILE|FILE",
+                        help="cpu: the pairs the candidate runtimes are timed on to choose one: a length profile "
+                             "(nq-like, short, long) or a JSON-lines file of your pairs (default nq-like)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -62,7 +65,7 @@ def run(args) -> int:
         out=Path(args.out) if args.out else default_out(args, target), target=target, max_length=args.max_length,
         max_batch_pairs=args.max_batch_size, max_batch_tokens=args.max_batch_tokens, force=args.force,
         onnx_only=args.onnx_only, check_crossencoder=not args.skip_crossencoder_check,
-        parity_queries=args.parity_queries, parity_pairs=args.parity_pairs, quiet=args.quiet, command_line=["ettin-export", *args.argv],
+        parity_queries=args.parity_queries, parity_pairs=args.parity_pairs, traffic=args.traffic, quiet=args.quiet, command_line=["ettin-export", *args.argv],
         precision=args.precision, runtime=args.runtime,
     )
     return run_build(lambda: open_checkpoint(args), options)

@@ -237,14 +237,22 @@ def runtime_candidates(precision, requested: str | None) -> list[str]:
     return installed
 
 
-def traffic_pairs(artifact: Artifact, traffic: str) -> tuple[list[tuple[str, str]], str]:
+def traffic_pairs(artifact: Artifact, traffic: str, fallback) -> tuple[list[tuple[str, str]], str]:
     """The pairs the runtimes are timed on: RUNTIME_TIMING_PAIRS of a length profile (nq-like by default,
-    text of exact token counts under the artifact's tokenizer) or of the user's pairs file."""
-    from ettin_export.synthetic.lengths import load_pairs
+    text of exact token counts under the artifact's tokenizer) or of the user's pairs file. A tokenizer
+    whose vocabulary cannot spell the profile's exact counts (a foreign one without short word tokens)
+    gets the first pairs of `fallback` (the parity set), and the record says so."""
+    from ettin_export.synthetic.lengths import PROFILES, load_pairs
 
     encoder = PairEncoder.from_dir(artifact.root, artifact.max_length)
-    pairs, _ = load_pairs(traffic, encoder._tokenizer, RUNTIME_TIMING_PAIRS, seed=0)
-    return pairs[:RUNTIME_TIMING_PAIRS], traffic if not Path(traffic).is_file() else f"file {Path(traffic).name}"
+    if traffic not in PROFILES:
+        pairs, _ = load_pairs(traffic, encoder._tokenizer, RUNTIME_TIMING_PAIRS, seed=0)
+        return pairs[:RUNTIME_TIMING_PAIRS], f"file {Path(traffic).name}"
+    try:
+        pairs, _ = load_pairs(traffic, encoder._tokenizer, RUNTIME_TIMING_PAIRS, seed=0)
+    except ValueError:
+        return list(fallback[:RUNTIME_TIMING_PAIRS]), f"parity set (this tokenizer cannot spell the {traffic} profile)"
+    return pairs, traffic
 
 
 def time_runtimes(artifact: Artifact, candidates: list[str], pairs, steps: Steps) -> dict[str, float]:
@@ -366,7 +374,7 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
     if len(candidates) > 1:
         from ettin_runtime.machine import this_machine
 
-        sample, traffic = traffic_pairs(artifact, options.traffic)
+        sample, traffic = traffic_pairs(artifact, options.traffic, run.pairs)
         choice.update(pairs_per_s=time_runtimes(artifact, candidates, sample, steps), by="timed on this machine",
                       traffic=traffic, timed_pairs=len(sample), machine=this_machine())
         candidates = sorted(candidates, key=lambda name: -choice["pairs_per_s"][name])

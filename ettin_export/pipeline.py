@@ -379,8 +379,9 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
                       traffic=traffic, timed_pairs=len(sample), machine=this_machine())
         candidates = sorted(candidates, key=lambda name: -choice["pairs_per_s"][name])
     # The fastest runtime that passes the gate: runtimes round differently (OpenVINO's fp32 kernels sit
-    # closer to the fp32 bound than ONNX Runtime's at 150m), so each is judged, in order of speed; when
-    # none passes, the fastest one's report is the verdict.
+    # closer to the fp32 bound than ONNX Runtime's at 150m), so each is judged, in order of speed, and
+    # every verdict is kept (Reranker.load(runtime="auto") may re-choose among the passed ones on a CPU
+    # of another class); when none passes, the fastest one's report is the verdict.
     verdicts: dict[str, str] = {}
     judged = []
     for runtime_name in candidates:
@@ -394,12 +395,9 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
             runtime.close()
         verdicts[runtime_name] = "passed" if report.passed else "; ".join(report.failures)
         judged.append((runtime_name, report))
-        if report.passed:
-            break
-        if runtime_name != candidates[-1]:
+        if not report.passed and runtime_name != candidates[-1]:
             steps.note(f"{runtime_name} failed the gate ({verdicts[runtime_name]}); judging the next runtime")
-    if not report.passed:
-        runtime_name, report = judged[0]
+    runtime_name, report = next(((name, r) for name, r in judged if r.passed), judged[0])
     artifact = _with_runtime(artifact, engine, runtime_name, recipe, {**choice, "gate": dict(verdicts)})
     finish_artifact(artifact, report)
     return report

@@ -416,6 +416,38 @@ def test_the_fastest_runtime_that_passes_the_gate_is_chosen(tiny_checkpoint, tmp
     assert "openvino_version" not in artifact.engine.record
 
 
+def test_runtime_auto_rechooses_among_the_passed_runtimes_on_another_cpu_class(tiny_checkpoint, tmp_path,
+                                                                                monkeypatch):
+    """Every candidate runtime is judged at build; `runtime="auto"` keeps the manifest's on the gate's CPU
+    class and, on another class, times the runtimes that passed and takes the fastest here."""
+    import time as _time
+
+    from ettin_runtime import Artifact, Reranker
+    from ettin_runtime.backends.onnxruntime import OnnxRuntimeReranker
+    from ettin_runtime.backends.openvino import OpenVinoReranker
+
+    out = tmp_path / "both"
+    assert _build(tiny_checkpoint, out, "fp32") == 0
+    artifact = Artifact.open(out)
+    assert sorted(artifact.gate_passed_runtimes()) == ["onnxruntime", "openvino"]
+    chosen = artifact.engine.runtime
+    backends = {"onnxruntime": OnnxRuntimeReranker, "openvino": OpenVinoReranker}
+    with Reranker.load(out, runtime="auto") as same_class:  # judged on this class: no timing, the manifest's
+        assert type(same_class) is backends[chosen]
+
+    figures = {**artifact.parity.figures, "judged_on": {**artifact.judged_on(), "class": "elsewhere"}}
+    artifact.replace(parity=dataclasses.replace(artifact.parity, figures=figures)).write()
+    for slow, fast in ((OpenVinoReranker, "onnxruntime"), (OnnxRuntimeReranker, "openvino")):
+        real = slow._score
+        with monkeypatch.context() as patch:
+            patch.setattr(slow, "_score", lambda self, batch, real=real: (_time.sleep(0.02), real(self, batch))[1])
+            with pytest.warns(RuntimeWarning, match="class elsewhere"), Reranker.load(out, runtime="auto") as other:
+                assert type(other) is backends[fast]
+        from ettin_runtime import artifact as artifact_module
+
+        artifact_module._WARNED_ELSEWHERE.clear()
+
+
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
 def test_deploy_triton_serves_reduced_artifacts_with_their_own_runtime(reduced, precision, tmp_path):
     """The engine model runs the artifact's runtime (int8: ONNX Runtime, bf16: OpenVINO at bf16) in a real

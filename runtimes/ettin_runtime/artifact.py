@@ -23,6 +23,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -528,7 +529,7 @@ class Artifact:
         are `LoadOptions` fields (device, threads, max_length, max_batch_tokens, max_batch_pairs)."""
         from .reranker import LoadOptions
 
-        name = runtime or self.engine.runtime
+        name = self.runtime_for_this_cpu(options) if runtime == "auto" else runtime or self.engine.runtime
         if name not in RUNTIMES:
             raise ArtifactError(f"unknown runtime {name!r}; known: {', '.join(RUNTIMES)}.")
         load_options = LoadOptions(**options)
@@ -538,6 +539,47 @@ class Artifact:
         reranker = backend.from_artifact(self, load_options)
         self.warn_if_judged_elsewhere()
         return reranker
+
+    def gate_passed_runtimes(self) -> list[str]:
+        """The runtimes the build judged and that passed its gate (the engine's own first)."""
+        gate = (self.engine.record.get("runtime_choice") or {}).get("gate") or {}
+        passed = [name for name, verdict in gate.items() if verdict == "passed" and name in RUNTIMES]
+        return sorted(set(passed) | {self.engine.runtime}, key=lambda name: name != self.engine.runtime)
+
+    def runtime_for_this_cpu(self, options: Mapping) -> str:
+        """runtime="auto": the manifest's runtime where the gate ran on this CPU class; on another class,
+        the fastest here of the runtimes that passed the gate, timed on NQ-like batches (64 pairs of
+        ~105 tokens, random token ids: speed does not depend on them), 3 interleaved rounds."""
+        from .machine import cpu_class
+
+        judged = self.judged_on()
+        candidates = [name for name in self.gate_passed_runtimes() if importlib.util.find_spec(name) is not None]
+        if len(candidates) < 2 or not judged or judged.get("class") == cpu_class():
+            return self.engine.runtime
+        import time
+
+        import numpy as np
+
+        from .packing import packed_batches
+
+        rng = np.random.default_rng(0)
+        lengths = np.clip(np.round(rng.lognormal(np.log(105), 0.5, 64)), 8, self.max_length).astype(int)
+        ids = [rng.integers(1000, self.model.vocab_size, n).astype(np.int64) for n in lengths]
+        loaded = {name: self.load(runtime=name, **options) for name in candidates}
+        seconds: dict[str, list[float]] = {name: [] for name in candidates}
+        try:
+            for round_ in range(4):  # the first round warms up
+                for name, reranker in loaded.items():
+                    batches = packed_batches(ids, reranker.max_batch_tokens, reranker.max_batch_pairs)
+                    start = time.perf_counter()
+                    for batch in batches:
+                        reranker._score(batch)
+                    if round_:
+                        seconds[name].append(time.perf_counter() - start)
+        finally:
+            for reranker in loaded.values():
+                reranker.close()
+        return min(candidates, key=lambda name: sorted(seconds[name])[1])
 
     def judged_on(self) -> Mapping | None:
         """The machine the parity gate ran on (CPU artifacts built since it was recorded), else None."""

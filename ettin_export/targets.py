@@ -9,7 +9,7 @@ from ettin_runtime.errors import EttinError
 
 @dataclass(frozen=True)
 class ScoreBounds:
-    """DESIGN.md "Numbers that define same scores", as data.
+    """docs/design.md, "Same scores: the numbers", as data.
 
     A candidate's scores are judged against an anchor run (the packed model in float64) next to a
     reference computed at the candidate's own precision (CrossEncoder fp32 for fp32 candidates, the

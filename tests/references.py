@@ -1,4 +1,4 @@
-"""The tests' side of DESIGN.md's fp32 rule: references made by the product's one implementation
+"""The tests' side of the fp32 rule (docs/design.md, "Same scores"): references made by the product's one implementation
 (ettin_export.reference.fp32_references: the packed model in fp64 as anchor, CrossEncoder fp32 as
 the own error) and the product's one bound check (ettin_export.parity.check_bound)."""
 

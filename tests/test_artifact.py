@@ -43,7 +43,7 @@ def test_manifest_records_what_every_stage_needs(tiny_artifact):
     assert Artifact.from_json(json.loads((tiny_artifact / "manifest.json").read_text()), tiny_artifact) == artifact
     report = json.loads((tiny_artifact / "parity.json").read_text())
     assert report["passed"] and report["metrics"]["queries"] == 2
-    # the bound is DESIGN.md's: 2 x CrossEncoder's own fp32 error against the fp64 anchor + 1e-5
+    # the bound is docs/design.md's ("Same scores: the numbers"): 2 x CrossEncoder's own fp32 error against the fp64 anchor + 1e-5
     own = report["reference_lowp_metrics"]["max_abs_diff"]
     assert report["reference_lowp"].startswith("sentence-transformers CrossEncoder fp32") and own > 0
     assert report["bounds"]["max_abs_diff"] == pytest.approx(2 * own + 1e-5)

@@ -1,4 +1,4 @@
-"""fp32 parity of the packed PyTorch model under DESIGN.md's rule (anchored on an fp64 run, bounded by
+"""fp32 parity of the packed PyTorch model under the rule of docs/design.md ("Same scores") (anchored on an fp64 run, bounded by
 2 x CrossEncoder's own fp32 error + 1e-5), and proof that the rule is sensitive: each classic porting
 mistake fails it, as a candidate and as an anchor (reference.check_port), and so does a uniform shift
 of 10 x the reference's own fp32 error."""

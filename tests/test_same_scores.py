@@ -1,5 +1,5 @@
 """Issue 9's promises, end to end through the command line: any healthy checkpoint builds and verifies
-under DESIGN.md's fp32 rule (deep, narrow, widely spread, made by the project or by transformers and
+under the fp32 rule of docs/design.md ("Same scores") (deep, narrow, widely spread, made by the project or by transformers and
 sentence-transformers themselves), a refused build says what was compared, and one max-length rule
 holds for build, score, verify and bench."""
 

@@ -197,7 +197,7 @@ def validation_batches(encoder, seed: int = 0) -> list[list[tuple[str, str]]]:
 
 def check_values(session, encoder, batches, references, bounds=FP32_BOUNDS, what: str = "ONNX Runtime") -> float:
     """Run the session once per batch (each batch one packed execution, so every grid shape is
-    exercised) and judge all scores against the fp64 anchor with the fp32 rule (DESIGN.md); return
+    exercised) and judge all scores against the fp64 anchor with the fp32 rule (docs/design.md, "Same scores"); return
     max |ONNX - anchor|. `references` holds the anchor and the own reference for the flattened batches."""
     from ettin_runtime.packing import pack
 

@@ -1,6 +1,6 @@
 """`ettin::varlen_attention`: attention over packed (unpadded) pairs, one contract for every backend.
 
-Contract (DESIGN.md item 4, flash-attention's varlen convention):
+Contract (docs/design.md, "The attention op"; flash-attention's varlen convention):
     q, k, v     [T, H, D]  after rotary embedding, all pairs concatenated
     cu_seqlens  int32 [B+1]  (0, len0, len0+len1, ..., T); every pair has at least one token
     max_seqlen  host int, the longest pair (computed once per forward, never per layer)

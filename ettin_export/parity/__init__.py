@@ -1,4 +1,4 @@
-"""Same scores (DESIGN.md): parity sets (sets.py), the references a candidate is judged against
+"""Same scores (docs/design.md, "Same scores"): parity sets (sets.py), the references a candidate is judged against
 (references.py: the fp64 anchor, CrossEncoder's own fp32 error, the bf16 flash reference), the bound,
 metrics and report (rule.py), and the parity run build and verify share (run.py)."""
 

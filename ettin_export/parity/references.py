@@ -1,4 +1,4 @@
-"""The references every exported path is judged against (DESIGN.md "Numbers that define same scores").
+"""The references every exported path is judged against (docs/design.md, "Same scores: the numbers").
 
 anchor      the packed model in float64 with the exact attention math, on the same pairs: what the
             model computes, up to fp64 rounding.

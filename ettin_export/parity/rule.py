@@ -1,4 +1,4 @@
-"""DESIGN.md's "same scores", applied: the metrics, the one error bound (`check_bound`), the verdict
+"""docs/design.md, "Same scores", applied: the metrics, the one error bound (`check_bound`), the verdict
 (`judge`) and the report every command prints."""
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _max_abs(a, b) -> float:
 
 @dataclass(frozen=True)
 class BoundCheck:
-    """The error bound of DESIGN.md applied once: max |candidate - anchor| against
+    """The error bound of docs/design.md ("Same scores") applied once: max |candidate - anchor| against
     error_ratio x max |own - anchor| + error_slack, on the same pairs."""
 
     error: float  # max |candidate - anchor|
@@ -188,7 +188,7 @@ def judge(
     *,
     precision: str | None = None,
 ) -> ParityReport:
-    """Apply the bounds of the target at the candidate's precision (DESIGN.md): max |candidate - anchor|
+    """Apply the bounds of the target at the candidate's precision (docs/design.md, "Same scores: the numbers"): max |candidate - anchor|
     within error_ratio x the own reference's error + slack (where the precision has an error bound),
     the score scale (where it has one), and the ranking bounds against the anchor."""
     precision = precision or target.precision

@@ -1,4 +1,4 @@
-"""The README's serving section, run as written: its bash and Python blocks in order in one shell (deploy the
+"""The serving guide (docs/serving.md, linked from the README), run as written: its bash and Python blocks in order in one shell (deploy the
 artifact the main command builds, start the real Triton server, /v1/rerank over gRPC to it, the Python
 client over HTTP, stop, then /rerank in-process), from a folder holding a tiny random-weights artifact
 where the main build command writes its own. Only the ports differ (free ones for 8000, 8001 and 8080),
@@ -33,14 +33,15 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
+SERVING = (REPO / "docs" / "serving.md").read_text(encoding="utf-8")  # the serving guide the README links
 SECTION_START, SECTION_END = "## Serving with Triton Inference Server\n", "\nElsewhere ("
 MAIN_BUILD = "ettin-export build --size 17m --random-weights --target cpu"
 TOLERANCE = 1e-5
 
 
 def section() -> str:
-    start = README.index(SECTION_START)
-    return README[start:README.index(SECTION_END, start)]
+    start = SERVING.index(SECTION_START)
+    return SERVING[start:SERVING.index(SECTION_END, start)]
 
 
 def blocks() -> list[tuple[str, str]]:
@@ -113,7 +114,7 @@ def test_deploy_prints_the_servers_pip_line_with_numpy_below_2_and_the_default_p
     assert "--http-port 8000 --grpc-port 8001" in out
     # The tritonserver commands the README shows carry exactly the flags deploy records (none here).
     assert marker["server_args"] == []
-    code = "\n".join(re.findall(r"```\w*\n(.*?)```", README, flags=re.S))
+    code = "\n".join(re.findall(r"```\w*\n(.*?)```", SERVING, flags=re.S))
     commands = re.findall(r"tritonserver --model-repository=\S+([^\n\"]*)", code)
     assert commands  # the NGC container's
     for flags in commands:

@@ -4,7 +4,7 @@ built through the real `build` path, judged by their rank gates, and opened by e
 The rank gates are tested at their real bounds on scores made for the purpose (a candidate that ranks
 like fp32 passes, one that swaps the leaders or rescales the scores fails). Random weights have no score
 margins — every ranking is a row of near-ties — so a random tiny checkpoint cannot meet top-1 ≥ 98 % at
-int8 (the README gives the measured figures); the artifacts the interface tests need are therefore built
+int8 (docs/results.md gives the measured figures); the artifacts the interface tests need are therefore built
 under RELAXED rank bounds (the score-scale bound stays real), and say so."""
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
-"""The serving guide (docs/serving.md, linked from the README), run as written: its bash and Python blocks in order in one shell (deploy the
-artifact the main command builds, start the real Triton server, /v1/rerank over gRPC to it, the Python
-client over HTTP, stop, then /rerank in-process), from a folder holding a tiny random-weights artifact
-where the main build command writes its own. Only the ports differ (free ones for 8000, 8001 and 8080),
-and `ettin-export` / `python` are those of a fresh virtual environment that holds only what the README
-installs (its CPU torch line, then the section's pip line, verbatim, in this checkout): an extra the
+"""The serving guide's first section (docs/serving.md, "Serving with Triton Inference Server", linked from
+the README), run as written: its bash and Python blocks in order in one shell (deploy the artifact the
+README's main command builds, start the real Triton server, /v1/rerank over gRPC to it, the Python client
+over HTTP, stop, then /rerank in-process), from a folder holding a tiny random-weights artifact where the
+main build command writes its own. Only the ports differ (free ones for 8000, 8001 and 8080), and
+`ettin-export` / `python` are those of a fresh virtual environment that holds only what a user installs
+(the README's CPU torch line, then the section's pip line, verbatim, in this checkout): an extra the
 section needs but does not name fails here, as it would for a user.
 
-Also what the section promises statically: the extras it installs hold what deploy and serve import, the
-tritonserver command it shows carries the flags deploy records, and deploy's own hint names `numpy<2`.
+Also what the guide promises statically: the README links it, the extras it installs hold what deploy and
+serve import, the tritonserver command it shows carries the flags deploy records, and deploy's own hint
+names `numpy<2`.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def test_the_section_deploys_what_the_main_command_builds():
     from ettin_export.targets import get_target
 
     assert MAIN_BUILD in README
+    assert "](docs/serving.md)" in README  # the README links the guide these commands come from
     built = default_out(Namespace(size="17m", model=None, random_weights=True, precision=None), get_target("cpu"))
     assert built.as_posix() == "artifacts/17m-random-cpu"
     code = "\n".join(code for _, code in blocks())
@@ -112,7 +115,7 @@ def test_deploy_prints_the_servers_pip_line_with_numpy_below_2_and_the_default_p
     assert f"pip install {' '.join(repr(r) for r in marker['python_requirements'])}" in out.replace('"', "'")
     assert "tritonserver's defaults: HTTP 8000, gRPC 8001" in out
     assert "--http-port 8000 --grpc-port 8001" in out
-    # The tritonserver commands the README shows carry exactly the flags deploy records (none here).
+    # The tritonserver commands the serving guide shows carry exactly the flags deploy records (none here).
     assert marker["server_args"] == []
     code = "\n".join(re.findall(r"```\w*\n(.*?)```", SERVING, flags=re.S))
     commands = re.findall(r"tritonserver --model-repository=\S+([^\n\"]*)", code)
@@ -131,8 +134,8 @@ def install_lines() -> list[str]:
 
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory):
-    """A fresh virtual environment holding only what the README installs (`install_lines`, run in the
-    checkout as the README says), first on PATH: its `ettin-export` and `python` run the section."""
+    """A fresh virtual environment holding only what the README and the guide install (`install_lines`, run
+    in the checkout as they say), first on PATH: its `ettin-export` and `python` run the section."""
     server_env_or_skip()
     venv = tmp_path_factory.mktemp("readme-venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

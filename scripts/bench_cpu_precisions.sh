@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU precisions' benchmark (README "Results"): for each size, build the fp32, int8 and bf16
+# The CPU precisions' benchmark (docs/results.md, "CPU speed"): for each size, build the fp32, int8 and bf16
 # artifacts of the exact Ettin config with random weights, then bench each against CrossEncoder at its
 # best batch size (searched), and bf16 also against OpenVINO's own bf16 on a padded export of the same
 # modules. Speed does not depend on weight values; ranking fidelity does, and random weights fail the

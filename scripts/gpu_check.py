@@ -62,7 +62,7 @@ SIZES = ("17m", "32m", "68m", "150m", "400m", "1b")
 SIZE_ORDER = ("150m", "17m", "1b", "400m", "68m", "32m")  # most asked-about first
 BATCH_TOKENS, BATCH_PAIRS = 65536, 256  # the packed model's batches (tokens, pairs)
 CROSSENCODER_BATCH = 128
-# The plan (README, "One GPU call without TensorRT"): seconds by step on an H100, {quick: value}.
+# The plan (docs/tensorrt.md, "One GPU call without TensorRT"): seconds by step on an H100, {quick: value}.
 BUDGET_S = {False: 420.0, True: 200.0}  # no step starts later than this after the imports
 KERNEL_BUDGET_S = {False: 45, True: 20}  # the child's speed steps, counted after its own imports
 KERNEL_TIMEOUT_S = {False: 120, True: 75}  # the child's whole run: imports, compile, accuracy, speed

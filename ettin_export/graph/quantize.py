@@ -1,8 +1,8 @@
 """int8 for the CPU target: ONNX Runtime's dynamic quantization of the exported fp32 graph.
 
 The recipe was chosen by measurement (2-core AMD EPYC Zen 5, 17m and 150m, built-in parity set against
-fp32; see the README): weights int8 symmetric per output channel, activations quantized per batch at
-run time (MatMulInteger), every linear layer of the backbone quantized; the embeddings, the attention
+fp32; see docs/results.md): weights int8 symmetric per output channel, activations quantized at run time
+per token (MatMulInteger; see below), every linear layer of the backbone quantized; the embeddings, the attention
 (the VarlenAttention function body: scores and softmax), norms and rotary stay fp32 because the
 quantizer only rewrites MatMul/Gemm with constant weights, and the head (its Dense and the classifier)
 is excluded so the score keeps fp32 precision. Static QDQ with calibration, MatMulNBits blocks and

@@ -245,14 +245,13 @@ def traffic_pairs(artifact: Artifact, traffic: str, fallback) -> tuple[list[tupl
     from ettin_export.synthetic.lengths import PROFILES, load_pairs
 
     encoder = PairEncoder.from_dir(artifact.root, artifact.max_length)
-    if traffic not in PROFILES:
-        pairs, _ = load_pairs(traffic, encoder._tokenizer, RUNTIME_TIMING_PAIRS, seed=0)
-        return pairs[:RUNTIME_TIMING_PAIRS], f"file {Path(traffic).name}"
     try:
         pairs, _ = load_pairs(traffic, encoder._tokenizer, RUNTIME_TIMING_PAIRS, seed=0)
     except ValueError:
+        if traffic not in PROFILES:
+            raise  # the user's file: its own error
         return list(fallback[:RUNTIME_TIMING_PAIRS]), f"parity set (this tokenizer cannot spell the {traffic} profile)"
-    return pairs, traffic
+    return pairs[:RUNTIME_TIMING_PAIRS], traffic if traffic in PROFILES else f"file {Path(traffic).name}"
 
 
 def time_runtimes(artifact: Artifact, candidates: list[str], pairs, steps: Steps) -> dict[str, float]:

@@ -62,13 +62,14 @@ def main(argv=None) -> int:
     import numpy as np
     from sentence_transformers import CrossEncoder
 
-    from ettin_export.bench.measure import cpu_description, cpu_features
+    from ettin_export.bench.measure import cpu_description
+    from ettin_runtime import machine
     from ettin_export.evaluation.beir import load_beir
     from ettin_export.evaluation.rerank import System, agreement, evaluate, first_stage_candidates
     from ettin_runtime import Reranker
 
     args.out.mkdir(parents=True, exist_ok=True)
-    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(cpu_features()))
+    native_bf16 = machine.native_bf16()
     data = load_beir(args.data)
     print(f"machine: {cpu_description()}", flush=True)
     candidates = first_stage_candidates(data, args.top_k)

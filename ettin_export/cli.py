@@ -40,12 +40,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT), raised by our own handler. A subclass, not KeyboardInterrupt itself: CPython remembers
+    a bare KeyboardInterrupt that left code run through PyRun_String (a library can, under our calls) and, under
+    `python -m`, ends the process *by* SIGINT (status -2) after we caught it and returned 130. A subclass is never
+    taken for that, so the exit status is 130 every time."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so that every writer's cleanup runs as for Ctrl-C."""
 
 
+def _interrupt(signum, frame):
+    raise Interrupted()
+
+
 def _terminate(signum, frame):
     raise Terminated()
+
+
+def _install_handlers() -> dict:
+    """Our SIGINT / SIGTERM handlers (main thread only: Python takes signals there); the previous ones back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # one a caller set on purpose is kept
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
+    return previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     command = importlib.import_module(COMMANDS[args.command][0])
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    previous = _install_handlers()
     try:
         status = command.run(args) or 0
         sys.stdout.flush()  # inside: a reader that went away is seen here, not at the interpreter's exit
@@ -79,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_REFUSED
         return _bug(args)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _bug(args) -> int:

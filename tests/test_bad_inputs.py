@@ -245,6 +245,32 @@ def test_an_interrupted_build_ends_in_one_line_and_leaves_the_old_artifact(tiny_
     assert snapshot(out) == before  # the old artifact, byte for byte, and no staging folder beside it
 
 
+# A Ctrl-C that lands while a library runs Python through PyRun_String (CI saw it once, mid-build) raised a bare
+# KeyboardInterrupt there; under `python -m`, CPython then ended the process by SIGINT (status -2) although the
+# command had caught it and returned 130. This replays that path exactly: without our own SIGINT handler it fails.
+CTRL_C_INSIDE_PYRUN = """
+import ctypes, sys
+from ettin_export import cli
+previous = cli._install_handlers()
+run = ctypes.pythonapi.PyRun_String
+run.restype, run.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]
+scope = {}
+try:
+    run(b"import os, signal, time\\nos.kill(os.getpid(), signal.SIGINT)\\ntime.sleep(30)", 257, scope, scope)
+    status = 0
+except KeyboardInterrupt as interrupt:
+    status = 130 if isinstance(interrupt, cli.Interrupted) else 1
+sys.exit(status)
+"""
+
+
+def test_ctrl_c_inside_library_python_still_exits_130(tmp_path):
+    (tmp_path / "ctrl_c_probe.py").write_text(CTRL_C_INSIDE_PYRUN)
+    done = subprocess.run([sys.executable, "-m", "ctrl_c_probe"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 130, (done.returncode, done.stderr)
+
+
 def test_the_next_build_removes_what_a_dead_build_left(tiny_artifact, tiny_checkpoint, tmp_path, capsys):
     out = shutil.copytree(tiny_artifact, tmp_path / "art")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

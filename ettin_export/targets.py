@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 from ettin_runtime.errors import EttinError
@@ -74,10 +75,21 @@ class Precision:
     # Any one of these CPU features (ettin_runtime.machine) makes the precision run natively; () for any CPU.
     # Without them a runtime emulates it in fp32, so a gate judged there would not judge the precision.
     native_features: tuple[str, ...] = ()
+    # How it turns the exported fp32 graph into its own: "module:function" (fp32_path, out_path, num_layers)
+    # -> what the recipe adds, and the progress line it shows; None keeps the fp32 graph as it is.
+    graph_maker: str | None = None
+    graph_step: str = ""
 
     @property
     def recipe_json(self) -> dict:
         return dict(self.recipe)
+
+    def make_graph(self):
+        """The function of `graph_maker` (imported now: it needs onnx), or None."""
+        if self.graph_maker is None:
+            return None
+        module, _, name = self.graph_maker.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     def runs_natively(self, features) -> bool:
         return not self.native_features or any(name in features for name in self.native_features)
@@ -92,7 +104,9 @@ CPU_PRECISIONS = {
                   ("onnxruntime",),
                   (("method", "onnxruntime.quantization.quantize_dynamic"), ("weights", "int8 symmetric, per output channel, 7-bit range (reduce_range: no int16 saturation without VNNI)"),
                    ("activations", "uint8 symmetric per token (scale max|x|/127 per row, zero point 128): a pair scores the same whatever its batch"), ("quantized", "every linear layer of the backbone"),
-                   ("kept_fp32", "embeddings, attention (softmax, scores), norms, rotary, the head (Dense, classifier)"))),
+                   ("kept_fp32", "embeddings, attention (softmax, scores), norms, rotary, the head (Dense, classifier)")),
+                  graph_maker="ettin_export.graph.quantize:int8_graph",
+                  graph_step="quantizing the linear layers to int8 (ONNX Runtime dynamic, per channel, head in fp32)"),
         Precision("bf16", "bf16 matrix products (OpenVINO's bf16 inference precision on AVX512_BF16 / AMX)",
                   BF16_CPU_BOUNDS, ("openvino",),
                   (("method", "the fp32 graph under OpenVINO INFERENCE_PRECISION_HINT=bf16"),

@@ -10,7 +10,7 @@ failure or a timeout still leaves the steps before it; every step records its ow
 goes on.
 
 1. AOT: compile the PTX for this GPU's arch with ettin_plugins.aot, at the PTX ISA version the build
-   would choose for this driver (ettin_export.engine.tensorrt.kernel_ptx_version; 8.0, sm_90a's floor,
+   would choose for this driver (ettin_export.engine.rules.kernel_ptx_version; 8.0, sm_90a's floor,
    for the dry run's stand-in CUDA 12.0 driver), and check the entry contract: exactly the declared parameters, one name per variant.
 2. Launch that PTX as TensorRT does: the driver JIT-loads it (cuModuleLoadData) and cuLaunchKernel
    passes the declared arguments only, grid/block/shared memory from the shape formulas (cuda-python,
@@ -223,7 +223,7 @@ def environment(torch, entry):
 def build_ptx_version(dev, target: str, entry: dict) -> int:
     """The PTX ISA `ettin-export build` would compile with on this machine: the same function, from the
     driver's CUDA version (libcuda; the stand-in's CUDA 12.0 on a dry run) and this Triton's default."""
-    from ettin_export.engine.tensorrt import kernel_ptx_version
+    from ettin_export.engine.rules import kernel_ptx_version
 
     gpu = dev.probe_gpu()
     entry["driver"] = {"version": gpu.driver_version, "cuda": gpu.cuda_version}

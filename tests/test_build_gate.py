@@ -49,7 +49,7 @@ class StandInEngine(PackedBatchReranker):
 
 
 def stand_in_hooks(shift: float = 0.0, calls: list | None = None) -> EngineHooks:
-    from ettin_export.engine import tensorrt as tensorrt_build
+    from ettin_export.engine import rules as tensorrt_build
     from ettin_export.parity.references import bf16_references
 
     calls = [] if calls is None else calls

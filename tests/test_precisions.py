@@ -385,7 +385,7 @@ def test_build_gates_on_the_users_own_pairs(tiny_checkpoint, tmp_path):
 
 def test_the_fastest_runtime_that_passes_the_gate_is_chosen(tiny_checkpoint, tmp_path, monkeypatch):
     """Runtimes round differently: a faster one beyond the fp32 bound gives way to the next."""
-    from ettin_export import pipeline
+    from ettin_export.build import cpu
     from ettin_runtime import Artifact
     from ettin_runtime.backends.openvino import OpenVinoReranker
 
@@ -395,7 +395,7 @@ def test_the_fastest_runtime_that_passes_the_gate_is_chosen(tiny_checkpoint, tmp
         timed.append(pairs)
         return {"openvino": 200.0, "onnxruntime": 100.0}
 
-    monkeypatch.setattr(pipeline, "time_runtimes", time_runtimes)
+    monkeypatch.setattr(cpu, "time_runtimes", time_runtimes)
     real = OpenVinoReranker._score
     monkeypatch.setattr(OpenVinoReranker, "_score", lambda self, batch: real(self, batch) + np.float32(1e-3))
     out = tmp_path / "chosen"
@@ -410,7 +410,7 @@ def test_the_fastest_runtime_that_passes_the_gate_is_chosen(tiny_checkpoint, tmp
 
     (pairs,) = timed
     lengths = [len(ids) for ids in PairEncoder.from_dir(out, MAX_LENGTH).encode(pairs)]
-    assert len(pairs) == pipeline.RUNTIME_TIMING_PAIRS and 90 <= np.mean(lengths) <= 150
+    assert len(pairs) == cpu.RUNTIME_TIMING_PAIRS and 90 <= np.mean(lengths) <= 150
     assert choice["traffic"] == "nq-like" and choice["timed_pairs"] == len(pairs)
     assert choice["machine"]["class"] == cpu_class()
     assert "openvino_version" not in artifact.engine.record

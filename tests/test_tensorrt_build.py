@@ -19,6 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from ettin_export.engine import rules
 from ettin_export.engine import tensorrt as tb
 from ettin_export.graph.validate import attention_nodes
 from ettin_export.pipeline import BuildError
@@ -46,7 +47,7 @@ def tensorrt_gpu_missing() -> str | None:
 
 
 def test_profile_covers_a_full_batch_of_full_length_pairs():
-    limits = tb.engine_profile(64, 512)
+    limits = rules.engine_profile(64, 512)
     assert limits.max_batch_pairs == 64 and limits.max_batch_tokens == 64 * 512
     assert limits.to_json()["profile"] == {"total_tokens": [1, 64 * 128, 64 * 512], "num_pairs_plus_1": [2, 65, 65]}
     assert limits.profile.shapes() == {
@@ -55,7 +56,7 @@ def test_profile_covers_a_full_batch_of_full_length_pairs():
 
 
 def test_larger_token_budget_is_kept_and_short_pairs_set_the_opt_point():
-    limits = tb.engine_profile(32, 96, max_batch_tokens=10_000)
+    limits = rules.engine_profile(32, 96, max_batch_tokens=10_000)
     assert limits.max_batch_tokens == 10_000
     assert limits.profile.tokens == (1, 32 * 96, 10_000)  # opt: every pair at max_length < 128
 
@@ -71,7 +72,7 @@ def test_larger_token_budget_is_kept_and_short_pairs_set_the_opt_point():
 ])
 def test_profile_refuses_bad_limits_clearly(args, message):
     with pytest.raises(BuildError) as error:
-        tb.engine_profile(*args)
+        rules.engine_profile(*args)
     assert message in str(error.value)
 
 
@@ -102,8 +103,8 @@ def _copy(proto):
 
 
 def test_exported_graph_meets_the_rules_of_the_registered_plugin(bf16_graph):
-    assert tb.parser_rule_problems(bf16_graph) == []
-    assert tb.check_parser_rules(bf16_graph) == 4
+    assert rules.parser_rule_problems(bf16_graph) == []
+    assert rules.check_parser_rules(bf16_graph) == 4
     # The rules are those of the registration signature, which the exporter never reads.
     assert trt_plugin.registered_input_names() == ("q", "k", "v", "cu_seqlens")
     assert trt_plugin.registered_attribute_names() == ("window",)
@@ -114,10 +115,10 @@ def test_exported_graph_meets_the_rules_of_the_registered_plugin(bf16_graph):
 
 def test_rules_follow_the_registration_signature_not_the_exporter(bf16_graph, monkeypatch):
     monkeypatch.setattr(trt_plugin, "registered_attribute_names", lambda: ("window", "head_dim"))
-    problems = tb.parser_rule_problems(bf16_graph)
+    problems = rules.parser_rule_problems(bf16_graph)
     assert len(problems) == 4 and all("lacks attribute 'head_dim'" in p for p in problems)
     monkeypatch.setattr(trt_plugin, "registered_input_names", lambda: ("q", "k", "v", "cu_seqlens", "max_seqlen"))
-    assert any("4 inputs, the op takes 5" in p for p in tb.parser_rule_problems(bf16_graph))
+    assert any("4 inputs, the op takes 5" in p for p in rules.parser_rule_problems(bf16_graph))
 
 
 def _first_node(proto):
@@ -165,10 +166,10 @@ def test_the_same_check_fails_on_a_deliberately_broken_graph(bf16_graph, breakag
     mutate, expected = BREAKAGES[breakage]
     broken = _copy(bf16_graph)
     mutate(broken)
-    problems = tb.parser_rule_problems(broken)
+    problems = rules.parser_rule_problems(broken)
     assert any(expected in p for p in problems), problems
     with pytest.raises(BuildError, match="does not meet the TensorRT parser's plugin rules"):
-        tb.check_parser_rules(broken)
+        rules.check_parser_rules(broken)
 
 
 # --- standard ops routed to TensorRT's own plugin creators (ENABLE_PLUGIN_OVERRIDE, plugin_namespace) -----------
@@ -181,20 +182,20 @@ def _first(proto, op_type):
 def test_the_exported_graph_routes_no_standard_op_to_a_tensorrt_creator(bf16_graph):
     # The graph does hold ops that TensorRT registers creators for under the same name in namespace "":
     # the check below is about routing, not about their absence.
-    present = {n.op_type for n in bf16_graph.graph.node} & set(tb.STANDARD_NAME_CREATORS)
+    present = {n.op_type for n in bf16_graph.graph.node} & set(rules.STANDARD_NAME_CREATORS)
     assert present == {"ScatterElements", "Split"}
-    assert tb.PARSER_FLAGS == () and tb.builder_settings("10.15.1.29")["parser_flags"] == []
-    assert tb.plugin_routing_problems(bf16_graph, tb.PARSER_FLAGS) == []
-    assert tb.check_parser_rules(bf16_graph) == 4
+    assert rules.PARSER_FLAGS == () and rules.builder_settings("10.15.1.29")["parser_flags"] == []
+    assert rules.plugin_routing_problems(bf16_graph, rules.PARSER_FLAGS) == []
+    assert rules.check_parser_rules(bf16_graph) == 4
 
 
 def test_the_override_flag_would_hand_scatter_elements_to_the_legacy_plugin(bf16_graph):
-    problems = tb.plugin_routing_problems(bf16_graph, ("ENABLE_PLUGIN_OVERRIDE",))
+    problems = rules.plugin_routing_problems(bf16_graph, ("ENABLE_PLUGIN_OVERRIDE",))
     routed = sorted(p.split(" (")[1].split(")")[0] for p in problems)
     assert routed == ["ScatterElements"] + ["Split"] * 4
     assert all("ENABLE_PLUGIN_OVERRIDE" in p and "namespace ''" in p for p in problems)
     with pytest.raises(BuildError, match="ScatterElements.*TensorRT's own ScatterElements plugin creator"):
-        tb.check_parser_rules(bf16_graph, ("ENABLE_PLUGIN_OVERRIDE",))
+        rules.check_parser_rules(bf16_graph, ("ENABLE_PLUGIN_OVERRIDE",))
 
 
 @pytest.mark.parametrize(("namespace", "collides"), [("", True), ("ettin", False)])
@@ -202,13 +203,13 @@ def test_a_standard_node_carrying_plugin_namespace_is_routed_too(bf16_graph, nam
     graph = _copy(bf16_graph)
     node = _first(graph, "ScatterElements")
     node.attribute.append(helper.make_attribute("plugin_namespace", namespace))
-    problems = tb.plugin_routing_problems(graph, tb.PARSER_FLAGS)
+    problems = rules.plugin_routing_problems(graph, rules.PARSER_FLAGS)
     assert bool(problems) == collides, problems
     if collides:
         (problem,) = problems
         assert f"{node.name} (ScatterElements): its plugin_namespace attribute" in problem
         with pytest.raises(BuildError, match="does not meet the TensorRT parser's plugin rules"):
-            tb.check_parser_rules(graph)
+            rules.check_parser_rules(graph)
 
 
 # --- plugin layers in the parsed network (TensorRT objects faked) ------------------------------------------------
@@ -228,15 +229,15 @@ class _Network:
 
 
 def test_one_plugin_layer_per_node_passes():
-    counts = tb.count_plugin_layers(_Network(["matmul", "plugin_v3"] * 4), FAKE_TRT)
+    counts = rules.count_plugin_layers(_Network(["matmul", "plugin_v3"] * 4), FAKE_TRT)
     assert counts == {"v3": 4, "v2": 0}
-    tb.check_plugin_layers(counts, 4)
+    rules.check_plugin_layers(counts, 4)
 
 
 def test_an_inlined_body_stops_the_build():
-    counts = tb.count_plugin_layers(_Network(["plugin_v3", "matmul", "matmul"]), FAKE_TRT)
+    counts = rules.count_plugin_layers(_Network(["plugin_v3", "matmul", "matmul"]), FAKE_TRT)
     with pytest.raises(BuildError) as error:
-        tb.check_plugin_layers(counts, 4, "10.15.1.29")
+        rules.check_plugin_layers(counts, 4, "10.15.1.29")
     assert "parsed 1 plugin layers" in str(error.value) and "4 VarlenAttention nodes" in str(error.value)
     assert "inlined the local-function body" in str(error.value)
 
@@ -252,7 +253,7 @@ def test_an_inlined_body_stops_the_build():
     ("11.1.0.106", True, True, None),
 ])
 def test_tensorrt_version_rules(version, plugin, aot, expected):
-    problem = tb.tensorrt_version_problem(version, plugin, aot)
+    problem = rules.tensorrt_version_problem(version, plugin, aot)
     assert (problem is None) if expected is None else (expected in problem)
 
 
@@ -274,7 +275,7 @@ DRIVERS = {
 ])
 def test_ptx_version_is_the_lower_of_driver_and_triton(driver, triton_default, expected):
     gpu = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), driver, DRIVERS[driver])
-    assert tb.kernel_ptx_version(gpu, "sm_90a", triton_default) == expected
+    assert rules.kernel_ptx_version(gpu, "sm_90a", triton_default) == expected
 
 
 @pytest.mark.parametrize(("cuda", "message"), [
@@ -285,14 +286,14 @@ def test_ptx_version_is_the_lower_of_driver_and_triton(driver, triton_default, e
 def test_no_ptx_version_fits_an_old_driver(cuda, message):
     gpu = GpuInfo("NVIDIA H100 PCIe", (9, 0), "520.61.05", cuda)
     with pytest.raises(tb.TensorRTUnavailable, match=message) as error:
-        tb.kernel_ptx_version(gpu, "sm_90a", 94)
+        rules.kernel_ptx_version(gpu, "sm_90a", 94)
     assert "Install an NVIDIA driver for CUDA 12.0 or newer" in str(error.value)
 
 
 def test_a_triton_below_the_architecture_is_refused():
     gpu = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), "570.124.06", 12080)
     with pytest.raises(tb.TensorRTUnavailable, match=r"writes PTX ISA 7.8, below the 8.0 that sm_90a needs"):
-        tb.kernel_ptx_version(gpu, "sm_90a", 78)
+        rules.kernel_ptx_version(gpu, "sm_90a", 78)
 
 
 def test_the_chosen_ptx_loads_on_the_driver_it_was_chosen_for():
@@ -304,29 +305,29 @@ def test_the_chosen_ptx_loads_on_the_driver_it_was_chosen_for():
 
     versions = sorted(DRIVERS.values())
     for older, cuda in zip([None, *versions], versions):
-        chosen = aot.ptx_version_text(tb.kernel_ptx_version(GpuInfo("H100", (9, 0), None, cuda), "sm_90a", 94))
+        chosen = aot.ptx_version_text(rules.kernel_ptx_version(GpuInfo("H100", (9, 0), None, cuda), "sm_90a", 94))
         assert driver_needed_for_ptx(chosen) <= cuda
         assert older is None or driver_needed_for_ptx(chosen) > older
 
 
 def test_timing_cache_is_named_by_tensorrt_version_and_compute_capability(tmp_path):
     requested = tmp_path / "1b-h100.timing.cache"
-    paths = {(v, cc): tb.timing_cache_path(requested, v, cc)
+    paths = {(v, cc): rules.timing_cache_path(requested, v, cc)
              for v in ("10.9.0.34", "10.13.3.9", "11.1.0.106") for cc in ("9.0", "8.9")}
     assert len(set(paths.values())) == len(paths)  # no two releases or GPU generations share a cache
     assert all(p.parent == tmp_path and p.name.startswith("1b-h100.") and p.name.endswith(".timing.cache")
                for p in paths.values())
     assert paths[("10.9.0.34", "9.0")].name == "1b-h100.trt10.9.0.34-cc9.0.timing.cache"
-    assert tb.timing_cache_path(requested, "10.9.0.34", "9.0") == paths[("10.9.0.34", "9.0")]  # stable
+    assert rules.timing_cache_path(requested, "10.9.0.34", "9.0") == paths[("10.9.0.34", "9.0")]  # stable
 
 
 def test_manifest_facts_from_a_real_kernel_compile_satisfy_the_runtime_check():
     from ettin_plugins import aot
 
     kernel = aot.compile_varlen_attention("bf16", -1, 90, aot.TACTICS[min(aot.TACTICS)])
-    facts = tb.engine_facts(
+    facts = rules.engine_facts(
         tensorrt_version="10.9.0.34", gpu=HOPPER, kernel=kernel, plugin_layers={"v3": 10, "v2": 0},
-        attention_nodes=10, settings=tb.builder_settings("10.9.0.34"), opset=20,
+        attention_nodes=10, settings=rules.builder_settings("10.9.0.34"), opset=20,
     )
     assert facts["compute_capability"] == "9.0" and facts["ptx_target"] == "sm_90a"
     assert facts["ptx_version"] == kernel.ptx_version and facts["plugin"] == "ettin::VarlenAttention"
@@ -541,7 +542,7 @@ def test_build_engine_sets_no_parser_flag_and_asks_for_strong_typing_only_on_10x
     trt, calls = recording_tensorrt
     trt.__version__ = version
     steps = _Steps()
-    limits = tb.engine_profile(16, 200)
+    limits = rules.engine_profile(16, 200)
     facts = tb.build_engine(bf16_onnx, tmp_path / "model.plan", limits, H100, tmp_path / "x.timing.cache", steps)
     (parse,) = calls["parse"]
     assert parse["flags"] is None  # no ENABLE_PLUGIN_OVERRIDE, although this TensorRT has the flag
@@ -559,7 +560,7 @@ def test_build_engine_sets_no_parser_flag_and_asks_for_strong_typing_only_on_10x
 def test_build_engine_keeps_one_timing_cache_per_tensorrt_release_and_gpu(recording_tensorrt, bf16_onnx, tmp_path):
     trt, calls = recording_tensorrt
     requested = tmp_path / "x.timing.cache"
-    limits = tb.engine_profile(16, 200)
+    limits = rules.engine_profile(16, 200)
     runs = []
     for version in ("10.15.1.29", "10.15.1.29", "11.1.0.106"):
         trt.__version__ = version
@@ -606,8 +607,8 @@ def test_onnx_only_writes_the_bf16_graph_and_the_finish_command(tmp_path, tiny_c
     assert proc.returncode == 0, proc.stderr
     manifest = Artifact.open(out)
     assert manifest.target == "h100" and manifest.precision == "bf16" and manifest.parity is None
-    assert manifest.limits == tb.engine_profile(16, 200)
-    assert tb.check_parser_rules(onnx.load(str(out / manifest.engine.file))) == 4
+    assert manifest.limits == rules.engine_profile(16, 200)
+    assert rules.check_parser_rules(onnx.load(str(out / manifest.engine.file))) == 4
     finish = [line.strip() for line in proc.stderr.splitlines() if line.strip().startswith("ettin-export build")]
     assert finish, proc.stderr
     assert finish[-1] == (f"ettin-export build {tiny_checkpoint} --target h100 --out {out} --skip-crossencoder-check "

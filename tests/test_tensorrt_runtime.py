@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from ettin_export.synthetic.text import random_pairs
-from ettin_export.engine.tensorrt import engine_profile
+from ettin_export.engine.rules import engine_profile
 from ettin_runtime import Artifact, ArtifactError, LoadOptions, Reranker
 from ettin_runtime.artifact import Engine, Limits, ModelFacts, ParitySummary, Source, TensorRTFacts, hash_files
 from ettin_runtime.backends import tensorrt as tb

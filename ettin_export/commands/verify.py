@@ -89,7 +89,7 @@ def run(args) -> int:
     with steps.step(f"judging against the {target.precision} bounds"):
         report = run.judge(target, candidate_name, candidate, precision=artifact.precision)
         if target.engine == "onnx":
-            from ettin_export.pipeline import record_machine
+            from ettin_export.build.cpu import record_machine
 
             record_machine(report, runtime, artifact.engine.runtime)
     if args.json:

@@ -142,3 +142,16 @@ def quantized_nodes(proto: onnx.ModelProto) -> dict[str, int]:
         if node.op_type in ("MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def int8_graph(source: Path, destination: Path, num_layers: int) -> dict:
+    """The int8 precision's graph (targets.CPU_PRECISIONS["int8"].graph_maker): `source` quantized into
+    `destination`, its contract re-checked (the attention op, its body and the I/O survive), and what the
+    recipe records: the quantizer's settings and the node counts."""
+    from ettin_export.graph.validate import check_graph_contract
+
+    recipe = quantize_int8(source, destination)
+    quantized = onnx.load(str(destination), load_external_data=False)
+    check_graph_contract(quantized, num_layers)
+    recipe["nodes"] = quantized_nodes(quantized)
+    return recipe

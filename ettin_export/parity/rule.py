@@ -137,7 +137,7 @@ class ParityReport:
     bounds: dict = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     # CPU targets: the machine the gate ran on and the precision its runtime computed in
-    # (ettin_export.pipeline.gate_machine); None where not recorded.
+    # (ettin_export.build.cpu.record_machine); None where not recorded.
     judged_on: dict | None = None
 
     @property

@@ -1,0 +1,213 @@
+"""Target cpu: an fp32, int8 or bf16 ONNX graph for ONNX Runtime / OpenVINO, judged on every runtime that
+can run it here, the fastest that passes kept.
+
+What differs by precision is data (ettin_export.targets.CPU_PRECISIONS): its runtimes, its bounds, the
+CPU features it needs to run natively, and how it turns the exported fp32 graph into its own
+(`Precision.graph_maker`: int8 quantizes; fp32 and bf16 keep the fp32 graph)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import shutil
+from pathlib import Path
+
+from ettin_runtime.artifact import DEFAULT_MAX_BATCH_PAIRS, DEFAULT_MAX_BATCH_TOKENS, Artifact, Engine, Limits, StagedFolder
+from ettin_runtime.packing import PairEncoder
+
+from ettin_export.build.common import (
+    BuildOptions,
+    copy_tokenizer_files,
+    finish_artifact,
+    new_artifact,
+    onnx_engine,
+    reference_model,
+)
+from ettin_export.checkpoint import Checkpoint
+from ettin_export.errors import BuildError
+from ettin_export.parity import ParityReport
+from ettin_export.progress import Steps
+
+RUNTIME_TIMING_PAIRS = 128  # traffic-shaped pairs each candidate runtime is timed on
+RUNTIME_TIMING_RUNS = 5  # interleaved rounds; the median decides
+
+
+def _importable(runtime: str) -> bool:
+    return importlib.util.find_spec(runtime) is not None  # a runtime's key is its module's name
+
+
+def runtime_candidates(precision, requested: str | None) -> list[str]:
+    """The runtimes the build may choose from for this precision, installed here (or the one asked for)."""
+    if requested is not None:
+        if requested not in precision.runtimes:
+            raise BuildError(f"--runtime {requested} cannot run {precision.name} artifacts; choose one of "
+                             f"{', '.join(precision.runtimes)}.")
+        if not _importable(requested):
+            raise BuildError(f"--runtime {requested} is not installed here: pip install 'ettin-export[{requested}]'.")
+        return [requested]
+    installed = [r for r in precision.runtimes if _importable(r)]
+    if not installed:
+        raise BuildError(f"{precision.name} artifacts run on {' or '.join(precision.runtimes)}, none of which is "
+                         f"installed here: pip install 'ettin-export[{precision.runtimes[0]}]'.")
+    return installed
+
+
+def traffic_pairs(artifact: Artifact, traffic: str, fallback) -> tuple[list[tuple[str, str]], str]:
+    """The pairs the runtimes are timed on: RUNTIME_TIMING_PAIRS of a length profile (nq-like by default,
+    text of exact token counts under the artifact's tokenizer) or of the user's pairs file. A tokenizer
+    whose vocabulary cannot spell the profile's exact counts (a foreign one without short word tokens)
+    gets the first pairs of `fallback` (the parity set), and the record says so."""
+    from ettin_export.synthetic.lengths import PROFILES, load_pairs
+
+    encoder = PairEncoder.from_dir(artifact.root, artifact.max_length)
+    try:
+        pairs, _ = load_pairs(traffic, encoder._tokenizer, RUNTIME_TIMING_PAIRS, seed=0)
+    except ValueError:
+        if traffic not in PROFILES:
+            raise  # the user's file: its own error
+        return list(fallback[:RUNTIME_TIMING_PAIRS]), f"parity set (this tokenizer cannot spell the {traffic} profile)"
+    return pairs[:RUNTIME_TIMING_PAIRS], traffic if traffic in PROFILES else f"file {Path(traffic).name}"
+
+
+def time_runtimes(artifact: Artifact, candidates: list[str], pairs, steps: Steps) -> dict[str, float]:
+    """pairs/s of each candidate runtime on the same pairs, in interleaved rounds, median."""
+    import statistics
+    import time
+
+    sample = list(pairs)
+    tokens = sum(len(ids) for ids in PairEncoder.from_dir(artifact.root, artifact.max_length).encode(sample))
+    runtimes = {name: artifact.load(runtime=name, device="cpu") for name in candidates}
+    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+    with steps.step(f"timing {' and '.join(candidates)} on {len(sample)} pairs ({tokens} tokens)"):
+        for runtime in runtimes.values():
+            runtime.predict(sample)  # warm-up
+        for _ in range(RUNTIME_TIMING_RUNS):
+            for name, runtime in runtimes.items():
+                start = time.perf_counter()
+                runtime.predict(sample)
+                seconds[name].append(time.perf_counter() - start)
+    for runtime in runtimes.values():
+        runtime.close()
+    speeds = {name: round(len(sample) / statistics.median(times), 2) for name, times in seconds.items()}
+    steps.note(", ".join(f"{name} {speed:g} pairs/s" for name, speed in speeds.items()))
+    return speeds
+
+
+def _with_runtime(artifact: Artifact, engine: Engine, runtime: str, recipe: dict, choice: dict) -> Artifact:
+    """The staged artifact naming `runtime`, with the recipe and how the runtime was chosen; written."""
+    record = {"recipe": recipe, "runtime_choice": {**choice, "chosen": runtime}}
+    if runtime != "onnxruntime":  # the engine records ONNX Runtime's version already (Engine.onnxruntime_version)
+        record[f"{runtime}_version"] = importlib.metadata.version(runtime)
+    artifact = artifact.replace(engine=dataclasses.replace(engine, runtime=runtime, record=record))
+    artifact.write()
+    return artifact
+
+
+def require_native(precision) -> None:
+    """Refuse a precision this CPU would only emulate: its gate would judge fp32 numerics and the artifact
+    would then run, on a CPU that has the precision, numerics no gate saw."""
+    from ettin_runtime.machine import describe, this_machine
+
+    machine = this_machine()
+    if not precision.runs_natively(machine["features"]):
+        raise BuildError(
+            f"--precision {precision.name} needs a CPU with {' or '.join(f.upper() for f in precision.native_features)}; "
+            f"this one has neither ({describe(machine)}), so {' / '.join(precision.runtimes)} would compute in fp32 and "
+            f"the parity gate would judge fp32, not {precision.name}. Build it on such a CPU (AMD Zen 4 / Zen 5, Intel "
+            f"Sapphire Rapids or newer; `grep -o 'avx512_bf16\\|amx_bf16' /proc/cpuinfo` shows it), or build "
+            "--precision fp32 or int8 here."
+        )
+
+
+def record_machine(report: ParityReport, runtime, runtime_name: str) -> ParityReport:
+    """Record in `report` what the gate ran on: this CPU (model, features, class) and the precision the
+    runtime computed in; a gate that did not compute the artifact's precision fails."""
+    from ettin_runtime.machine import this_machine
+
+    computed = getattr(runtime, "computed_precision", report.precision)
+    report.judged_on = {**this_machine(), "runtime": runtime_name, "precision_computed": computed}
+    if computed != report.precision:
+        report.failures.append(
+            f"the gate ran at {computed}, not {report.precision}: {runtime_name} does not compute {report.precision} "
+            "on this CPU, so the scores judged are not those the artifact gives where it does")
+    return report
+
+
+def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, staging: StagedFolder) -> ParityReport:
+    """The CPU artifact at the asked precision, written into `staging`; returns the parity report.
+
+    The exported fp32 graph, turned into the precision's own by its graph maker where it has one (int8:
+    ONNX Runtime's dynamic quantization of the linear layers; bf16 runs the fp32 graph under OpenVINO's
+    bf16 compute). The runtime is the fastest of those that can run the precision here (timed on
+    traffic-shaped pairs), unless --runtime names one."""
+    import onnx
+    import onnxruntime
+
+    from ettin_export.graph.export import export_onnx
+    from ettin_export.graph.validate import check_graph_contract, check_values
+    from ettin_export.targets import CPU_PRECISIONS
+
+    precision = CPU_PRECISIONS[options.target.precision_of(options.precision)]
+    candidates = runtime_candidates(precision, options.runtime)  # before long work: a missing runtime stops here
+    require_native(precision)  # and so does a precision this CPU would only emulate
+    model, run = reference_model(checkpoint, options, steps)
+    make_graph = precision.make_graph()
+    fp32_dir = staging.path if make_graph is None else StagedFolder(options.out, "fp32").path
+    try:
+        with steps.step("exporting fp32 ONNX (VarlenAttention custom op + local function body)"):
+            exported = export_onnx(model, fp32_dir / "model.onnx", "fp32")
+        with steps.step(f"validating the graph: names, dynamic axes, values on {len(run.grid)} unseen shapes"):
+            check_graph_contract(onnx.load(str(exported.path), load_external_data=False), model.config.num_layers)
+            session = onnxruntime.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+            worst = check_values(session, run.encoder, run.grid, run.grid_references)
+            del session
+        steps.note(f"max |Δ| ONNX Runtime vs the fp64 anchor on the validation grid: {worst:.2e}")
+        recipe = precision.recipe_json
+        graph = exported.path
+        if make_graph is not None:
+            graph = staging.path / "model.onnx"
+            with steps.step(precision.graph_step):
+                recipe.update(make_graph(exported.path, graph, model.config.num_layers))
+    finally:
+        if fp32_dir != staging.path:
+            shutil.rmtree(fp32_dir, ignore_errors=True)
+    copy_tokenizer_files(checkpoint, staging.path)
+    limits = Limits(options.max_batch_pairs or DEFAULT_MAX_BATCH_PAIRS,
+                    options.max_batch_tokens or max(DEFAULT_MAX_BATCH_TOKENS, options.max_length))
+    external = staging.path / (graph.name + ".data")
+    engine = onnx_engine(graph, external if external.is_file() else None, runtime=candidates[0],
+                         record={"recipe": recipe})
+    artifact = new_artifact(checkpoint, options, staging.path, engine=engine, limits=limits, precision=precision.name)
+    choice = {"candidates": candidates, "by": "--runtime" if options.runtime else "the only one installed"}
+    if len(candidates) > 1:
+        from ettin_runtime.machine import this_machine
+
+        sample, traffic = traffic_pairs(artifact, options.traffic, run.pairs)
+        choice.update(pairs_per_s=time_runtimes(artifact, candidates, sample, steps), by="timed on this machine",
+                      traffic=traffic, timed_pairs=len(sample), machine=this_machine())
+        candidates = sorted(candidates, key=lambda name: -choice["pairs_per_s"][name])
+    # The fastest runtime that passes the gate: runtimes round differently (OpenVINO's fp32 kernels sit
+    # closer to the fp32 bound than ONNX Runtime's at 150m), so each is judged, in order of speed, and
+    # every verdict is kept (Reranker.load(runtime="auto") may re-choose among the passed ones on a CPU
+    # of another class); when none passes, the fastest one's report is the verdict.
+    verdicts: dict[str, str] = {}
+    judged = []
+    for runtime_name in candidates:
+        artifact = _with_runtime(artifact, engine, runtime_name, recipe, {**choice, "gate": dict(verdicts)})
+        with steps.step(f"parity on the {'given' if options.parity_pairs else 'built-in'} set ({len(run.pairs)} pairs, "
+                        f"{len(run.groups)} queries, {runtime_name})"):
+            runtime = artifact.load(device="cpu")
+            report = run.judge(options.target, f"{runtime_name} {precision.name} (CPU)", runtime.predict(run.pairs),
+                               precision=precision.name)
+            record_machine(report, runtime, runtime_name)
+            runtime.close()
+        verdicts[runtime_name] = "passed" if report.passed else "; ".join(report.failures)
+        judged.append((runtime_name, report))
+        if not report.passed and runtime_name != candidates[-1]:
+            steps.note(f"{runtime_name} failed the gate ({verdicts[runtime_name]}); judging the next runtime")
+    runtime_name, report = next(((name, r) for name, r in judged if r.passed), judged[0])
+    artifact = _with_runtime(artifact, engine, runtime_name, recipe, {**choice, "gate": dict(verdicts)})
+    finish_artifact(artifact, report)
+    return report
+

@@ -52,21 +52,14 @@ from ettin_export.deploy.configs import (
     RERANKER_QUEUE_DELAY_US,
     EngineBackend,
     engine_config,
-    plan_filename,
     reranker_config,
 )
+from ettin_export.deploy.engines import ENGINE_LAYOUTS, FRONT_REQUIREMENTS
 from ettin_export.deploy.schema import ConfigError, config_to_text, parse_config
 
 MARKER_NAME = "ettin-deploy.json"
 TOKENIZER_DIR = "tokenizer"
 PACKING_MODULE = "ettin_packing.py"
-# What the python models need in the server's Python (the Triton container's has neither tokenizers nor
-# onnxruntime). numpy<2: the 24.xx python backend (pybind11 2.10) silently corrupts tensors under numpy 2
-# (INT64 [1,2,3] arrives as [1,1,1]; python_backend PR #384 fixed it later).
-PYTHON_REQUIREMENTS = {"reranker": ["numpy<2", "tokenizers>=0.20,<1"], "python": ["onnxruntime>=1.17"],
-                       "python+openvino": ["openvino>=2025.0", "onnx>=1.17"]}
-# The artifact's precision -> OpenVINO's inference precision, for an OpenVINO artifact's engine model.
-OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -185,28 +178,6 @@ def _header(artifact: Artifact, what: str, notes=()) -> str:
     )
 
 
-def tensorrt_serving_notes(facts) -> tuple[list[str], list[str]]:
-    """(what the server needs, known faults of its TensorRT) for a TensorRT artifact's facts."""
-    from ettin_runtime.backends.tensorrt import cuda_version_text, driver_needed_for_ptx, tensorrt_version_warnings
-
-    version = facts.tensorrt_version
-    notes = [
-        f"The plan loads only in TensorRT {version}, the release that built it: serve it in the Triton container "
-        f"(nvcr.io/nvidia/tritonserver:<yy.mm>-py3) whose release notes list TensorRT {version}, i.e. the same "
-        "<yy.mm> as the TensorRT or PyTorch container it was built in (check libnvinfer.so.* in both), or rebuild "
-        "the artifact inside the serving release.",
-    ]
-    needed = driver_needed_for_ptx(facts.ptx_version)
-    if needed:
-        notes.append(
-            f"Its attention kernels are PTX ISA {facts.ptx_version} for {facts.ptx_target or 'the GPU'}, "
-            f"which the server's NVIDIA driver JIT-compiles: it must support CUDA {cuda_version_text(needed)} or newer "
-            f"(the build machine's: {facts.driver_version or '?'}, "
-            f"CUDA {cuda_version_text(facts.cuda_driver_version) or '?'})."
-        )
-    return notes, tensorrt_version_warnings(version)
-
-
 def deploy_triton(artifact_dir: str | Path, options: DeployOptions) -> DeployedRepository:
     """Generate, check and publish the repository. Raises DeployError (nothing written) when refused."""
     artifact = Artifact.open(artifact_dir)
@@ -243,41 +214,12 @@ def _write(staging: Path, artifact: Artifact, backend: EngineBackend, graph, bud
     name = options.name
     engine_name = name + backend.suffix
     engine_dir = staging / engine_name / "1"
-    engine = artifact.engine
-    files: dict[str, str] = {}  # repository path -> artifact path
-
-    serving_notes, warnings = tensorrt_serving_notes(engine.tensorrt) if backend.key == "tensorrt" else ([], [])
-    if backend.key == "tensorrt":
-        compute_capability = engine.tensorrt.compute_capability
-        if not compute_capability or not re.fullmatch(r"\d+\.\d+", str(compute_capability)):
-            raise DeployError(
-                f"The TensorRT artifact records compute_capability {compute_capability!r}; a plan runs only on the "
-                "GPU generation it was built for, so the repository maps it by that (e.g. \"9.0\"). Rebuild it."
-            )
-        if not artifact.path(engine.file).is_file():
-            raise DeployError(f"{artifact.root} has no {engine.file} (the TensorRT plan).")
-        files[f"{engine_name}/1/{plan_filename(compute_capability)}"] = engine.file
-        parameters = None
-    else:
-        compute_capability = None
-        files[f"{engine_name}/1/model.onnx"] = engine.file
-        if engine.external_data:
-            files[f"{engine_name}/1/{engine.external_data}"] = engine.external_data
-        parameters = None
-        if backend.key == "python":
-            # The limits it refuses beyond: the engine's own (the front packs within its budget, below them).
-            limits = artifact.limits
-            parameters = {"onnx_file": "model.onnx", "max_length": artifact.max_length,
-                          "vocab_size": artifact.model.vocab_size, "intra_op_threads": 0, "allow_spinning": 0,
-                          BUDGET_TOKENS: limits.max_batch_tokens, BUDGET_PAIRS: limits.max_batch_pairs,
-                          "runtime": engine.runtime}
-            if engine.runtime == "openvino":
-                parameters["inference_precision"] = OPENVINO_PRECISION[artifact.precision]
+    layout = ENGINE_LAYOUTS[backend.key](artifact)
+    files = {f"{engine_name}/1/{file}": source for file, source in layout.files.items()}  # repository <- artifact
     configs = {engine_name: config_to_text(
-        engine_config(backend, engine_name, instances=options.instances, compute_capability=compute_capability,
-                      parameters=parameters),
-        _header(artifact, f"Engine model: {backend.description}.", ENGINE_REQUEST_NOTES[backend.key]
-                + (tuple(serving_notes) if backend.key == "tensorrt" else ())),
+        engine_config(backend, engine_name, instances=options.instances,
+                      compute_capability=layout.compute_capability, parameters=layout.parameters),
+        _header(artifact, f"Engine model: {backend.description}.", ENGINE_REQUEST_NOTES[backend.key] + layout.serving_notes),
     )}
 
     tokenizer_files = [f for f in TOKENIZER_FILES if artifact.path(f).is_file()]
@@ -318,8 +260,8 @@ def _write(staging: Path, artifact: Artifact, backend: EngineBackend, graph, bud
 
     for destination, source in files.items():
         _place(artifact.path(source), staging / destination)
-    if backend.key == "python":
-        (engine_dir / "model.py").write_text(_model_source("ort_engine.py"), encoding="utf-8")
+    if layout.model_source:
+        (engine_dir / "model.py").write_text(_model_source(layout.model_source), encoding="utf-8")
     if null_name:
         null_dir = staging / (name + NULL_ENGINE.suffix) / "1"
         null_dir.mkdir(parents=True, exist_ok=True)
@@ -335,9 +277,7 @@ def _write(staging: Path, artifact: Artifact, backend: EngineBackend, graph, bud
 
     for front, front_engine in fronts.items():
         check_repository(staging, artifact, graph if front == name else None, front_engine, front)
-    engine_key = backend.key + ("+openvino" if backend.key == "python" and engine.runtime == "openvino" else "")
-    requirements = PYTHON_REQUIREMENTS["reranker"] + PYTHON_REQUIREMENTS.get(engine_key, [])
-    tensorrt_version = engine.tensorrt.tensorrt_version if backend.key == "tensorrt" else None
+    requirements = [*FRONT_REQUIREMENTS, *layout.requirements]
     server_args: list[str] = []
     marker = {
         "generated_by": "ettin-export deploy triton",
@@ -353,15 +293,15 @@ def _write(staging: Path, artifact: Artifact, backend: EngineBackend, graph, bud
         BUDGET_TOKENS: budget.max_tokens,
         BUDGET_PAIRS: budget.max_pairs,
         "python_requirements": requirements,
-        "tensorrt_version": tensorrt_version,
+        "tensorrt_version": layout.tensorrt_version,
         "server_args": server_args,
-        "serving_notes": serving_notes,
-        "warnings": warnings,
+        "serving_notes": list(layout.serving_notes),
+        "warnings": list(layout.warnings),
         "files": {dest: artifact.files[src] for dest, src in files.items() if src in artifact.files},
     }
     (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return DeployedRepository(staging, name, engine_name, backend.key, budget, null_name, configs, requirements,
-                              tensorrt_version, server_args, serving_notes, warnings)
+                              layout.tensorrt_version, server_args, list(layout.serving_notes), list(layout.warnings))
 
 
 def check_repository(root: Path, artifact: Artifact, graph, engine_name: str, reranker_name: str) -> None:

@@ -220,3 +220,24 @@ def test_cpu_profile_script_accounts_for_the_graphs_operators(tiny_artifact):
     rows = dict(re.findall(r"^(\w+)\s+([\d.]+)%", result.stdout, flags=re.M))
     assert {"Gemm", "MatMul", "Softmax", "LayerNormalization"} <= set(rows), result.stdout
     assert abs(sum(float(v) for v in rows.values()) - 100.0) < 1.0
+
+
+def test_padded_peers_score_as_crossencoder(tiny_checkpoint):
+    """The padded-export peers the benchmarks compare against (OpenVINO, ONNX Runtime fp32 / int8) score the
+    pairs CrossEncoder scores, in its order, at awkward lengths and one pair alone."""
+    from ettin_export.bench.measure import CrossEncoderContender
+    from ettin_export.bench.openvino_padded import OpenVinoPaddedContender
+    from ettin_export.bench.ort_padded import OnnxRuntimeInt8PaddedContender
+    from ettin_export.synthetic.text import random_pairs
+
+    pairs = random_pairs(9, seed=int(np.random.default_rng().integers(1 << 30)))
+    pairs += [("q", "w " * 62), ("a query", "w " * 128), ("", "d")]
+    reference = CrossEncoderContender(str(tiny_checkpoint), 200, 4, "cpu", "float32").predict(pairs)
+    peers = [OpenVinoPaddedContender(str(tiny_checkpoint), 200, 4, "fp32"),
+             OnnxRuntimeInt8PaddedContender(str(tiny_checkpoint), 200, 4, int8=False)]
+    for peer in peers:
+        np.testing.assert_allclose(peer.predict(pairs), reference, atol=1e-4)
+        np.testing.assert_allclose(peer.predict(pairs[:1]), reference[:1], atol=1e-4)
+    int8 = OnnxRuntimeInt8PaddedContender(str(tiny_checkpoint), 200, 4).predict(pairs)
+    assert int8.shape == reference.shape and np.all(np.isfinite(int8))
+    assert np.max(np.abs(int8 - reference)) < 0.25 * (np.ptp(reference) + 1e-6) + 0.05

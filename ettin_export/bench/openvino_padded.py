@@ -54,7 +54,26 @@ def export_padded(crossencoder, path: Path) -> Path:
     return path
 
 
-class OpenVinoPaddedContender(CrossEncoderContender):
+class PaddedExportContender(CrossEncoderContender):
+    """A padded export of the CrossEncoder's modules, batched as CrossEncoder batches (its `prepare`);
+    a subclass runs one padded batch (`_run`) on its runtime."""
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, pairs, batch_size: int | None = None) -> np.ndarray:
+        return self.forward(self.prepare(pairs, batch_size))
+
+    def forward(self, prepared) -> np.ndarray:
+        count, batches = prepared
+        scores = np.empty(count, dtype=np.float32)
+        for indices, features in batches:
+            out = self._run(features["input_ids"].numpy(), features["attention_mask"].numpy())
+            scores[indices] = np.asarray(out, dtype=np.float32).reshape(-1)
+        return scores
+
+
+class OpenVinoPaddedContender(PaddedExportContender):
     """CrossEncoder's tokenization and padded batches; the forward pass is OpenVINO on the padded export."""
 
     def __init__(self, path: str, max_length: int, batch_size: int | str, precision: str, log=lambda message: None):
@@ -88,14 +107,6 @@ class OpenVinoPaddedContender(CrossEncoderContender):
         self.description["max_abs_diff_vs_crossencoder"] = worst
         return worst
 
-    def predict(self, pairs, batch_size: int | None = None) -> np.ndarray:
-        return self.forward(self.prepare(pairs, batch_size))
-
-    def forward(self, prepared) -> np.ndarray:
-        count, batches = prepared
-        scores = np.empty(count, dtype=np.float32)
-        for indices, features in batches:
-            self.request.infer({"input_ids": features["input_ids"].numpy(),
-                                "attention_mask": features["attention_mask"].numpy()})
-            scores[indices] = np.asarray(self.request.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
-        return scores
+    def _run(self, input_ids, attention_mask):
+        self.request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
+        return self.request.get_output_tensor(0).data

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from ettin_export.bench.measure import CrossEncoderContender
-from ettin_export.bench.openvino_padded import MAX_SCORE_DIFF_F32, export_padded
+from ettin_export.bench.openvino_padded import MAX_SCORE_DIFF_F32, PaddedExportContender, export_padded
 
 
-class OnnxRuntimeInt8PaddedContender(CrossEncoderContender):
+class OnnxRuntimeInt8PaddedContender(PaddedExportContender):
     """`int8=False`: the same padded export in fp32 (what sentence-transformers' backend="onnx" runs)."""
 
     def __init__(self, path: str, max_length: int, batch_size: int | str, log=lambda message: None, *,
@@ -48,14 +48,5 @@ class OnnxRuntimeInt8PaddedContender(CrossEncoderContender):
                             "recipe": "quantize_dynamic defaults (QInt8 weights per tensor, 8-bit range)",
                             "fp32_export_max_abs_diff_vs_crossencoder": worst}
 
-    def predict(self, pairs, batch_size: int | None = None) -> np.ndarray:
-        return self.forward(self.prepare(pairs, batch_size))
-
-    def forward(self, prepared) -> np.ndarray:
-        count, batches = prepared
-        scores = np.empty(count, dtype=np.float32)
-        for indices, features in batches:
-            out = self.session.run(None, {"input_ids": features["input_ids"].numpy(),
-                                          "attention_mask": features["attention_mask"].numpy()})[0]
-            scores[indices] = np.asarray(out, dtype=np.float32).reshape(-1)
-        return scores
+    def _run(self, input_ids, attention_mask):
+        return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]

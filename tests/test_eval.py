@@ -216,24 +216,18 @@ def test_qrels_with_no_overlap_and_bad_lines(tmp_path):
         load_beir(root)
 
 
-def test_run_naming_unknown_ids_or_malformed(beir, tmp_path):
-    data = load_beir(beir)
+@pytest.mark.parametrize(("run", "message"), [
+    ("q1 Q0 d1 1 2.0 x\nq1 Q0 nope 2 1.0 x\nq9 Q0 d1 1 1.0 x\n", r"names 1 query id\(s\).*'q9' \(line 3\)"),
+    ("q1 Q0 d1 1 2.0 x\nq1 Q0 nope 2 1.0 x\n", r"names 1 document id\(s\).*'nope' \(line 2\)"),
+    ("q1 Q0 d1 1 2.0\n", r"run.trec:1: a TREC run line has 6 fields"),
+    ("q1 Q0 d1 1 high x\n", r"run.trec:1: the score 'high' is not a number"),
+    ("q1 Q0 d1 1 2 x\nq1 Q0 d1 2 1 x\n", r"run.trec:2: .*a second time"),
+], ids=["unknown-query", "unknown-document", "five-fields", "score-not-a-number", "document-twice"])
+def test_run_naming_unknown_ids_or_malformed(beir, tmp_path, run, message):
     path = tmp_path / "run.trec"
-    path.write_text("q1 Q0 d1 1 2.0 x\nq1 Q0 nope 2 1.0 x\nq9 Q0 d1 1 1.0 x\n")
-    with pytest.raises(DataError, match=r"names 1 query id\(s\).*'q9' \(line 3\)"):
-        read_run(path, data)
-    path.write_text("q1 Q0 d1 1 2.0 x\nq1 Q0 nope 2 1.0 x\n")
-    with pytest.raises(DataError, match=r"names 1 document id\(s\).*'nope' \(line 2\)"):
-        read_run(path, data)
-    path.write_text("q1 Q0 d1 1 2.0\n")
-    with pytest.raises(DataError, match=r"run.trec:1: a TREC run line has 6 fields"):
-        read_run(path, data)
-    path.write_text("q1 Q0 d1 1 high x\n")
-    with pytest.raises(DataError, match=r"run.trec:1: the score 'high' is not a number"):
-        read_run(path, data)
-    path.write_text("q1 Q0 d1 1 2 x\nq1 Q0 d1 2 1 x\n")
-    with pytest.raises(DataError, match=r"run.trec:2: .*a second time"):
-        read_run(path, data)
+    path.write_text(run)
+    with pytest.raises(DataError, match=message):
+        read_run(path, load_beir(beir))
 
 
 def test_empty_candidates_are_refused(beir, tmp_path):

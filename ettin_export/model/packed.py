@@ -98,21 +98,15 @@ class PackedConfig:
                 raise ValueError(f"Unsupported rotary type {rope_type!r} for {kind} layers (only 'default').")
         half_window = config.local_attention // 2
         windows = tuple(half_window if t == "sliding_attention" else -1 for t in config.layer_types)
+        same_names = ("vocab_size", "hidden_size", "intermediate_size", "norm_eps", "norm_bias", "attention_bias",
+                      "mlp_bias", "hidden_activation", "pad_token_id")
         return cls(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
+            **{name: getattr(config, name) for name in same_names},
             num_layers=config.num_hidden_layers,
             num_heads=config.num_attention_heads,
-            intermediate_size=config.intermediate_size,
             windows=windows,
             global_rope_theta=float(rope["full_attention"]["rope_theta"]),
             local_rope_theta=float(rope["sliding_attention"]["rope_theta"]),
-            norm_eps=config.norm_eps,
-            norm_bias=config.norm_bias,
-            attention_bias=config.attention_bias,
-            mlp_bias=config.mlp_bias,
-            hidden_activation=config.hidden_activation,
-            pad_token_id=config.pad_token_id,
             head=head,
             max_positions=getattr(config, "max_position_embeddings", None),
         )

@@ -233,11 +233,10 @@ def test_padded_peers_score_as_crossencoder(tiny_checkpoint):
     pairs = random_pairs(9, seed=int(np.random.default_rng().integers(1 << 30)))
     pairs += [("q", "w " * 62), ("a query", "w " * 128), ("", "d")]
     reference = CrossEncoderContender(str(tiny_checkpoint), 200, 4, "cpu", "float32").predict(pairs)
-    peers = [OpenVinoPaddedContender(str(tiny_checkpoint), 200, 4, "fp32"),
-             OnnxRuntimeInt8PaddedContender(str(tiny_checkpoint), 200, 4, int8=False)]
-    for peer in peers:
-        np.testing.assert_allclose(peer.predict(pairs), reference, atol=1e-4)
-        np.testing.assert_allclose(peer.predict(pairs[:1]), reference[:1], atol=1e-4)
+    openvino = OpenVinoPaddedContender(str(tiny_checkpoint), 200, 4, "fp32")
+    np.testing.assert_allclose(openvino.predict(pairs), reference, atol=1e-4)
+    np.testing.assert_allclose(openvino.predict(pairs[:1]), reference[:1], atol=1e-4)
+    # The int8 peer checks its own fp32 export against CrossEncoder (its session before quantization).
     int8 = OnnxRuntimeInt8PaddedContender(str(tiny_checkpoint), 200, 4).predict(pairs)
     assert int8.shape == reference.shape and np.all(np.isfinite(int8))
     assert np.max(np.abs(int8 - reference)) < 0.25 * (np.ptp(reference) + 1e-6) + 0.05

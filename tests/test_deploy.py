@@ -611,7 +611,7 @@ def test_single_pair_requests_share_engine_executions(server):
 
     client = grpc.InferenceServerClient(server.grpc_url, channel_args=harness.GRPC_LOOPBACK_CHANNEL_ARGS)
     done, results = threading.Semaphore(0), []
-    before, front_before = _model_stats(server, f"{NAME}_ort"), _model_stats(server, NAME)
+    before, front_before = server.model_stats(f"{NAME}_ort"), server.model_stats(NAME)
     try:
         for number in range(16):
             inputs = []
@@ -625,9 +625,9 @@ def test_single_pair_requests_share_engine_executions(server):
     finally:
         client.close()
     assert results == [None] * 16
-    engine, front = _delta(_model_stats(server, f"{NAME}_ort"), before), _delta(_model_stats(server, NAME), front_before)
-    assert front["inferences"] == front["success"] == 16 and front["executions"] < 16, front
-    assert engine["executions"] == engine["inferences"] < 16, engine  # one packed batch per engine request
+    engine, front = server.model_stats(f"{NAME}_ort").since(before), server.model_stats(NAME).since(front_before)
+    assert front.inferences == front.success == 16 and front.executions < 16, front
+    assert engine.executions == engine.inferences < 16, engine  # one packed batch per engine request
 
 
 def test_the_null_front_answers_like_the_front_with_constant_scores(server):
@@ -648,29 +648,6 @@ def test_the_null_front_answers_like_the_front_with_constant_scores(server):
 CLIENTS, REQUESTS_PER_CLIENT, MAX_DOCS_PER_REQUEST, TOP_N = 8, 50, 40, 5
 
 
-def _model_stats(server, model: str) -> dict:
-    import tritonclient.http as http
-
-    client = http.InferenceServerClient(server.http_address)
-    try:
-        (stats,) = client.get_inference_statistics(model)["model_stats"]
-    finally:
-        client.close()
-    return {
-        "inferences": int(stats["inference_count"]), "executions": int(stats["execution_count"]),
-        "success": int(stats["inference_stats"]["success"]["count"]),
-        "batches": {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["batch_stats"]},
-        "compute_seconds": sum(int(b["compute_infer"]["ns"]) for b in stats["batch_stats"]) / 1e9,  # per execution
-    }
-
-
-def _delta(after: dict, before: dict) -> dict:
-    batches = {size: count - before["batches"].get(size, 0) for size, count in after["batches"].items()}
-    return {**{k: after[k] - before[k] for k in ("inferences", "executions", "success")},
-            "compute_seconds": round(after["compute_seconds"] - before["compute_seconds"], 2),
-            "batches": {size: count for size, count in sorted(batches.items()) if count}}
-
-
 def test_concurrent_load_is_batched_across_requests_and_nothing_is_lost(server, local):
     from ettin_runtime.triton_client import TritonReranker
 
@@ -683,7 +660,7 @@ def test_concurrent_load_is_batched_across_requests_and_nothing_is_lost(server, 
             documents = [f"{text} r{client}x{number}d{i}" for i, text in enumerate(make_texts(rng, count, 1, 16))]
             workload[client, number] = (make_texts(rng, 1, 2, 10)[0], documents)
     total_pairs = sum(len(docs) for _, docs in workload.values())
-    engine_before, reranker_before = _model_stats(server, f"{NAME}_ort"), _model_stats(server, NAME)
+    engine_before, reranker_before = server.model_stats(f"{NAME}_ort"), server.model_stats(NAME)
     answers: dict = {}
     failures: list = []
     lock = threading.Lock()
@@ -711,8 +688,8 @@ def test_concurrent_load_is_batched_across_requests_and_nothing_is_lost(server, 
     seconds = time.perf_counter() - started
     assert not failures, failures
     assert not any(t.is_alive() for t in threads)
-    engine = _delta(_model_stats(server, f"{NAME}_ort"), engine_before)
-    reranker = _delta(_model_stats(server, NAME), reranker_before)
+    engine = server.model_stats(f"{NAME}_ort").since(engine_before)
+    reranker = server.model_stats(NAME).since(reranker_before)
 
     assert sorted(answers) == sorted(workload)  # every request answered once
     pairs = [(query, doc) for query, documents in workload.values() for doc in documents]
@@ -730,14 +707,15 @@ def test_concurrent_load_is_batched_across_requests_and_nothing_is_lost(server, 
                    for a, b in zip(got.top_indices.tolist(), top.tolist())), key
 
     report = {"requests": len(workload), "pairs": total_pairs, "seconds": round(seconds, 2),
-              "pairs_per_second": round(total_pairs / seconds), "engine": engine, "reranker": reranker}
+              "pairs_per_second": round(total_pairs / seconds), "engine": engine.to_json(),
+              "reranker": reranker.to_json()}
     print("load:", json.dumps(report))
-    assert reranker["inferences"] == reranker["success"] == len(workload)
-    assert engine["inferences"] == engine["success"] == engine["executions"]  # one packed batch per request
+    assert reranker.inferences == reranker.success == len(workload)
+    assert engine.inferences == engine.success == engine.executions  # one packed batch per request
     # Every request's pairs reached the engine (each score checked above, tagged per request), so were every
     # engine execution one request's pairs there would be at least one execution per request.
-    assert engine["executions"] < len(workload), report
-    assert reranker["executions"] < reranker["inferences"], report  # requests shared a front execute()
+    assert engine.executions < len(workload), report
+    assert reranker.executions < reranker.inferences, report  # requests shared a front execute()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .tritonserver import SCRIPT, harness, server_env_or_skip
+from ettin_export.serving import processes
+
+from .tritonserver import SCRIPT, harness, server_env_or_skip, triton_env
 
 pytestmark = pytest.mark.slow
 
@@ -39,24 +41,20 @@ ODD_TEXTS = ["", "a, b; \"quoted\" \\ back", "line\nbreak\ttab", "naïve café �
 # The model repository
 # --------------------------------------------------------------------------------------------------
 
-ECHO_SUM_CONFIG = """
-backend: "python"
-max_batch_size: 0
-input [
-  { name: "INT_IN" data_type: TYPE_INT64 dims: [ -1 ] },
-  { name: "FLOAT_IN" data_type: TYPE_FP32 dims: [ -1 ] },
-  { name: "TEXT_IN" data_type: TYPE_STRING dims: [ -1 ] }
-]
-output [
-  { name: "INT_SUM" data_type: TYPE_INT64 dims: [ 1 ] },
-  { name: "INT_ECHO" data_type: TYPE_INT64 dims: [ -1 ] },
-  { name: "FLOAT_TWICE" data_type: TYPE_FP32 dims: [ -1 ] },
-  { name: "TEXT_ECHO" data_type: TYPE_STRING dims: [ -1 ] },
-  { name: "TEXT_UPPER" data_type: TYPE_STRING dims: [ -1 ] },
-  { name: "TEXT_BYTES" data_type: TYPE_INT64 dims: [ -1 ] }
-]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
+def python_model_config(inputs: str, outputs: str) -> str:
+    """A python-backend config.pbtxt: no batching, one CPU instance. Tensors are "NAME:TYPE:DIMS" words,
+    e.g. "X:FP32:-1 IDS:INT64:-1,-1"."""
+    def tensors(words: str) -> str:
+        return ",\n".join(f'  {{ name: "{name}" data_type: TYPE_{kind} dims: [ {dims.replace(",", ", ")} ] }}'
+                           for name, kind, dims in (word.split(":") for word in words.split()))
+
+    return (f'backend: "python"\nmax_batch_size: 0\ninput [\n{tensors(inputs)}\n]\noutput [\n{tensors(outputs)}\n]\n'
+            "instance_group [ { kind: KIND_CPU count: 1 } ]\n")
+
+
+ECHO_SUM_CONFIG = python_model_config(
+    "INT_IN:INT64:-1 FLOAT_IN:FP32:-1 TEXT_IN:STRING:-1",
+    "INT_SUM:INT64:1 INT_ECHO:INT64:-1 FLOAT_TWICE:FP32:-1 TEXT_ECHO:STRING:-1 TEXT_UPPER:STRING:-1 TEXT_BYTES:INT64:-1")
 
 ECHO_SUM_MODEL = '''
 import numpy as np
@@ -82,23 +80,9 @@ class TritonPythonModel:
         return responses
 '''
 
-ORT_TOK_CONFIG = """
-backend: "python"
-max_batch_size: 0
-input [
-  { name: "X" data_type: TYPE_FP32 dims: [ -1 ] },
-  { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] },
-  { name: "QUERY" data_type: TYPE_STRING dims: [ 1 ] },
-  { name: "DOCUMENTS" data_type: TYPE_STRING dims: [ -1 ] }
-]
-output [
-  { name: "Z" data_type: TYPE_FP32 dims: [ -1 ] },
-  { name: "INPUT_IDS" data_type: TYPE_INT64 dims: [ -1, -1 ] },
-  { name: "ATTENTION_MASK" data_type: TYPE_INT64 dims: [ -1, -1 ] },
-  { name: "VERSIONS" data_type: TYPE_STRING dims: [ 3 ] }
-]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
+ORT_TOK_CONFIG = python_model_config(
+    "X:FP32:-1 Y:FP32:-1 QUERY:STRING:1 DOCUMENTS:STRING:-1",
+    "Z:FP32:-1 INPUT_IDS:INT64:-1,-1 ATTENTION_MASK:INT64:-1,-1 VERSIONS:STRING:3")
 
 ORT_TOK_MODEL = '''
 import json
@@ -210,15 +194,12 @@ def server(server_env, repository, tmp_path_factory):
 def _processes_mentioning(text: str) -> list[str]:
     """Command lines of live processes containing `text` (stubs carry their shm region name)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if text in cmdline and state != "Z":
-                found.append(f"{entry.name}: {cmdline}")
+    for pid in processes.all_pids():
+        arguments, state = processes.command_line(pid), processes.process_state(pid)
+        if pid != os.getpid() and arguments is not None and state not in (None, "Z"):
+            cmdline = " ".join(arguments)
+            if text in cmdline:
+                found.append(f"{pid}: {cmdline}")
     return found
 
 
@@ -334,7 +315,7 @@ def test_cli_start_status_stop_leaves_nothing_behind(server_env, repository, tmp
     state = tmp_path / "server.state.json"
 
     def cli(*args):
-        env = {**os.environ, harness.ENV_VAR: str(server_env.env_dir)}
+        env = {**os.environ, triton_env.ENV_VAR: str(server_env.env_dir)}
         return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=180)
 
     started = cli("start", "--repo", str(repository), "--log", str(tmp_path / "server.log"), "--state", str(state))
@@ -358,7 +339,7 @@ def test_cli_start_status_stop_leaves_nothing_behind(server_env, repository, tmp
     report = json.loads(stopped.stdout)
     assert report["signal"] == "SIGTERM" and report["exited"] and not report["stubs_killed"], report
     assert not _processes_mentioning(info["shm_prefix"])
-    assert not harness._alive(info["pid"], info["start_time"])
+    assert not processes.is_alive(info["pid"], info["start_time"])
     assert not list(Path("/dev/shm").glob(info["shm_prefix"] + "*"))
     assert not state.exists()
     assert cli("status", "--state", str(state)).returncode == 2  # the state file is gone: a clear error
@@ -382,6 +363,6 @@ def test_a_model_that_fails_to_load_fails_the_start_clearly(server_env, tmp_path
 
 def test_an_interpreter_without_shared_libpython_is_refused_with_the_fix(monkeypatch):
     info = {"version": "3.11", "full_version": "3.11.7", "shared": 0, "libdir": "/nowhere", "soname": None}
-    monkeypatch.setattr(harness, "_probe_interpreter", lambda python: info)
-    with pytest.raises(harness.EnvSetupError, match="--enable-shared"):
-        harness._check_base_interpreter(Path("/opt/python/bin/python3"))
+    monkeypatch.setattr(triton_env, "_probe_interpreter", lambda python: info)
+    with pytest.raises(triton_env.EnvSetupError, match="--enable-shared"):
+        triton_env._check_base_interpreter(Path("/opt/python/bin/python3"))

@@ -1,4 +1,5 @@
-"""What the real-server tests share: the server harness (ettin_export.serving.triton_server) and its env."""
+"""What the real-server tests share: the server harness (ettin_export.serving.triton_server) and its env
+(ettin_export.serving.triton_env)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ettin_export.serving import triton_env
 from ettin_export.serving import triton_server as harness
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "triton_server.py"
@@ -18,8 +20,8 @@ def server_env_or_skip():
     pytest.importorskip("tritonclient.http", reason="the clients need: pip install 'tritonclient[http,grpc]'")
     pytest.importorskip("tritonclient.grpc", reason="the clients need: pip install 'tritonclient[http,grpc]'")
     try:
-        return harness.ensure_env()
-    except harness.EnvSetupError as exc:
+        return triton_env.ensure_env()
+    except triton_env.EnvSetupError as exc:
         if os.environ.get("ETTIN_REQUIRE_TRITON"):
             pytest.fail(f"ETTIN_REQUIRE_TRITON is set but the Triton server env cannot be built: {exc}")
         pytest.skip(f"Triton server env cannot be built here (run `python scripts/triton_server.py setup` "

@@ -208,13 +208,13 @@ class MachineLoad:
 
     def __init__(self):
         self.start_wall = time.perf_counter()
-        self.start_busy = _busy_cpu_seconds()
+        self.start_busy = busy_cpu_seconds()
         self.start_self = _own_cpu_seconds()
-        self.loadavg_before = _loadavg()
+        self.loadavg_before = loadavg()
 
     def finish(self, loaded_runs_kept: int) -> dict:
         wall = time.perf_counter() - self.start_wall
-        busy, own = _busy_cpu_seconds(), _own_cpu_seconds()
+        busy, own = busy_cpu_seconds(), _own_cpu_seconds()
         others = None
         if busy is not None and self.start_busy is not None and wall > 0:
             others = max(0.0, ((busy - self.start_busy) - (own - self.start_self)) / wall)
@@ -223,7 +223,9 @@ class MachineLoad:
                 "loaded": loaded_runs_kept > 0}
 
 
-def _busy_cpu_seconds() -> float | None:
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds that all processes have used since boot (/proc/stat: idle and iowait left out); None
+    where there is no /proc/stat."""
     try:
         with open("/proc/stat", encoding="ascii") as handle:
             fields = [int(x) for x in handle.readline().split()[1:]]
@@ -238,7 +240,8 @@ def _own_cpu_seconds() -> float:
     return times.user + times.system
 
 
-def _loadavg() -> float | None:
+def loadavg() -> float | None:
+    """The 1-minute load average, to 2 decimals; None where the system has none."""
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:
@@ -315,11 +318,11 @@ class _CpuProbe:
     """Wall time of one run and the cores other processes used meanwhile."""
 
     def __init__(self):
-        self.busy, self.own, self.start = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+        self.busy, self.own, self.start = busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
 
     def stop(self) -> tuple[float, float | None]:
         wall = time.perf_counter() - self.start
-        busy, own = _busy_cpu_seconds(), _own_cpu_seconds()
+        busy, own = busy_cpu_seconds(), _own_cpu_seconds()
         if busy is None or self.busy is None or wall <= 0:
             return wall, None
         return wall, max(0.0, ((busy - self.busy) - (own - self.own)) / wall)

@@ -13,5 +13,7 @@ COMMANDS = {
                       "pairs/s of in-process, Triton gRPC, /v1/rerank and the front alone on the same requests"),
     "deploy": ("ettin_export.commands.deploy", "generate a Triton Inference Server model repository from an artifact"),
     "serve": ("ettin_export.commands.serve", "the /v1/rerank HTTP API in front of a Triton server or an artifact"),
+    "triton-server": ("ettin_export.commands.triton_server",
+                      "set up, start, show or stop a local Triton server (python backend, CPU-only Linux)"),
     "selftest": ("ettin_export.commands.selftest", "on a GPU with TensorRT: prove an engine end to end, one verdict"),
 }

@@ -29,6 +29,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, allow_artifact: bool
                                  "left-over staging folder), to inspect it")
 
 
+def add_pair_source_arguments(parser: argparse.ArgumentParser, *, lengths: str = "nq-like", seed: int = 0) -> None:
+    """--lengths and --seed: where a benchmark's pairs come from (ettin_export.synthetic.lengths.load_pairs)."""
+    parser.add_argument("--lengths", default=lengths,
+                        help="a length profile (nq-like, short, long; see ettin_export/synthetic/lengths.py) or a "
+                        'JSON-lines file of {"query", "document"} pairs')
+    parser.add_argument("--seed", type=int, default=seed, help="seed of the generated pairs")
+
+
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     """JSON lines with "query" and "document" strings ("-": standard input); an empty file is no pairs."""
     from ettin_export.pairs import read_pairs_jsonl

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ettin_export.serving.triton_server import free_port
+from ettin_export.serving.clients import running_gateway
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -36,29 +32,7 @@ def post(url: str, body, timeout: float = 60.0):
 
 @contextlib.contextmanager
 def start_gateway(arguments: list[str], log_path: Path, timeout: float = 60.0):
-    """`ettin-export serve ARGUMENTS --port FREE` in a subprocess; yields its base URL once /health is 200."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "ettin_export.cli", "serve", *arguments, "--port", str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the gateway exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            with contextlib.suppress(OSError, ValueError):
-                if request(url + "/health", timeout=2.0)[0] == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway was not healthy after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """`ettin-export serve ARGUMENTS --port FREE` in a subprocess (the product's own runner, which
+    bench-serving uses); yields its base URL once /health is 200, and stops it after the block."""
+    with running_gateway(arguments, log_path, timeout) as gateway:
+        yield gateway.url

@@ -34,6 +34,7 @@ from ettin_export.bench.measure import (
     measure,
 )
 from ettin_export.commands.common import (
+    add_pair_source_arguments,
     add_model_arguments,
     checked_output,
     positive_options,
@@ -54,11 +55,8 @@ def add_arguments(parser) -> None:
                         help="sentence-transformers: CrossEncoder (default); openvino-padded: OpenVINO at the "
                              "artifact's precision on a padded ONNX export of the same modules (what optimum "
                              "exports); none")
-    parser.add_argument("--lengths", default="nq-like",
-                        help="a length profile (nq-like, short, long; see ettin_export/synthetic/lengths.py) or a "
-                        'JSON-lines file of {"query", "document"} pairs')
+    add_pair_source_arguments(parser)
     parser.add_argument("--pairs", type=int, default=DEFAULT_PAIRS, help="pairs per timed pass")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated pairs")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed passes per system and mode (>= 5)")
     parser.add_argument("--max-retries", type=int, default=2 * DEFAULT_RUNS,
                         help="runs measured again because other processes loaded the machine meanwhile")

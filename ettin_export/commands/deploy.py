@@ -86,7 +86,7 @@ def run(args) -> int:
     print(f"Serve it; the python models need `pip install {requirements}` in the server's Python:", file=out)
     print(f"  tritonserver --model-repository={result.path.resolve()} {' '.join(result.server_args)}".rstrip(), file=out)
     if result.engine_backend == "python":  # runs on the CPU-only server that ships on PyPI (nvidia-pytriton)
-        print(f"  or, without Docker on a CPU-only Linux box: python -m ettin_export.serving.triton_server start "
+        print(f"  or, without Docker on a CPU-only Linux box: ettin-export triton-server start "
               f"--repo {result.path} --http-port 8000 --grpc-port 8001 --state triton.json", file=out)
     for note in result.serving_notes:
         print(f"- {note}", file=out)

@@ -2,7 +2,7 @@
 
 The server runs from the environment that triton_env.py builds; processes.py stops it and what it
 leaves behind (stubs, shared memory). The command line is `ettin-export triton-server` (also
-scripts/triton_server.py and `python -m ettin_export.serving.triton_server`):
+scripts/triton_server.py):
     ettin-export triton-server setup  [--env DIR] [--python PY] [--force]
     ettin-export triton-server start  --repo MODEL_REPOSITORY [--env DIR] [--http-port N ...]
                                       [--log FILE] [--state FILE] [--timeout S]
@@ -25,7 +25,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -308,11 +307,3 @@ def _wait_ready(handle: ServerHandle, timeout: float, require_models_ready: bool
                 f"tritonserver is up but {len(broken)} model(s) failed to load:\n{listing}\n"
                 f"Last lines of {handle.log_path}:\n{handle.log_tail()}"
             )
-
-
-
-
-if __name__ == "__main__":  # `python -m ettin_export.serving.triton_server ...`: the `triton-server` command
-    from ettin_export.cli import main
-
-    sys.exit(main(["triton-server", *sys.argv[1:]]))

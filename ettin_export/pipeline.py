@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ettin_runtime.artifact import StagedFolder, is_artifact, replacement_problem, unwritable_problem
+from ettin_runtime.artifact import is_artifact
 
 from ettin_export.build.common import BuildOptions
 from ettin_export.build.cpu import build_cpu
@@ -27,6 +27,7 @@ from ettin_export.checkpoint import Checkpoint
 from ettin_export.errors import BuildError
 from ettin_export.parity import ParityReport, format_report, read_parity_file
 from ettin_export.progress import Steps
+from ettin_export.staging import StagedFolder, replacement_problem, unwritable_problem
 
 __all__ = ["BuildError", "BuildOptions", "EngineHooks", "run_build"]
 

@@ -190,8 +190,7 @@ def op_accuracy(torch, report: Report, dev, quick: bool) -> None:
 
 def build_packed_model(torch, size: str, device: str):
     """The exact Ettin config with random weights, made directly on the device (no checkpoint)."""
-    from ettin_export.checkpoint.load import modernbert_config
-    from ettin_export.model import HeadConfig, PackedConfig, PackedReranker, init_random_weights
+    from ettin_export.model import HeadConfig, PackedConfig, PackedReranker, init_random_weights, modernbert_config
     from ettin_export.synthetic.checkpoints import modernbert_config_dict
 
     config = PackedConfig.from_modernbert(modernbert_config(modernbert_config_dict(size)), HeadConfig())

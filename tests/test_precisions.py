@@ -443,9 +443,9 @@ def test_runtime_auto_rechooses_among_the_passed_runtimes_on_another_cpu_class(t
             patch.setattr(slow, "_score", lambda self, batch, real=real: (_time.sleep(0.02), real(self, batch))[1])
             with pytest.warns(RuntimeWarning, match="class elsewhere"), Reranker.load(out, runtime="auto") as other:
                 assert type(other) is backends[fast]
-        from ettin_runtime import artifact as artifact_module
+        from ettin_runtime import loading
 
-        artifact_module._WARNED_ELSEWHERE.clear()
+        loading._WARNED_ELSEWHERE.clear()
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])

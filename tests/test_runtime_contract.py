@@ -80,7 +80,8 @@ def test_a_caller_batch_size_is_clamped_to_the_engine_profile(tiny_artifact, tin
 
 
 def test_the_registry_names_every_runtime_and_loads_the_artifacts_own():
-    from ettin_runtime.artifact import DEFAULT_RUNTIME, RUNTIMES
+    from ettin_runtime.artifact import DEFAULT_RUNTIME
+    from ettin_runtime.loading import RUNTIMES
 
     assert set(DEFAULT_RUNTIME.values()) <= set(RUNTIMES)
     for target in RUNTIMES.values():

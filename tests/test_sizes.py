@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from ettin_export import sizes
-from ettin_export.checkpoint.load import modernbert_config
-from ettin_export.model import HeadConfig, PackedConfig, PackedReranker, num_parameters
+from ettin_export.model import HeadConfig, PackedConfig, PackedReranker, modernbert_config, num_parameters
 
 
 @pytest.mark.parametrize("name", list(sizes.SIZES))

@@ -13,7 +13,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-from ettin_runtime.artifact import DEFAULT_MAX_BATCH_PAIRS, DEFAULT_MAX_BATCH_TOKENS, Artifact, Engine, Limits, StagedFolder
+from ettin_runtime.artifact import DEFAULT_MAX_BATCH_PAIRS, DEFAULT_MAX_BATCH_TOKENS, Artifact, Engine, Limits
 from ettin_runtime.packing import PairEncoder
 
 from ettin_export.build.common import (
@@ -28,6 +28,7 @@ from ettin_export.checkpoint import Checkpoint
 from ettin_export.errors import BuildError
 from ettin_export.parity import ParityReport
 from ettin_export.progress import Steps
+from ettin_export.staging import StagedFolder
 
 RUNTIME_TIMING_PAIRS = 128  # traffic-shaped pairs each candidate runtime is timed on
 RUNTIME_TIMING_RUNS = 5  # interleaved rounds; the median decides

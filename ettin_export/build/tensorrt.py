@@ -9,13 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ettin_runtime.artifact import Artifact, Engine, Limits, StagedFolder
+from ettin_runtime.artifact import Artifact, Engine, Limits
 
 from ettin_export.build.common import BuildOptions, copy_tokenizer_files, finish_artifact, new_artifact, onnx_engine, reference_model
 from ettin_export.checkpoint import Checkpoint
 from ettin_export.parity import ParityReport, References
 from ettin_export.parity.run import ReferenceRun
 from ettin_export.progress import Steps
+from ettin_export.staging import StagedFolder
 from ettin_export.targets import Target
 
 

@@ -17,7 +17,8 @@ from ettin_runtime.packing import read_json, resolve_max_length
 
 from ettin_export.errors import CheckpointError
 
-from ettin_export.model import HeadConfig, PackedConfig, PackedReranker
+from ettin_export.model import HeadConfig, PackedConfig, PackedReranker, modernbert_config
+from ettin_export.synthetic.checkpoints import write_random_checkpoint
 
 _ST_ACTIVATIONS = {
     "torch.nn.modules.activation.GELU": "gelu",
@@ -132,14 +133,6 @@ def _known_size(source: str) -> str | None:
     from ettin_export.sizes import SIZES
 
     return next((s.name for s in SIZES.values() if source in (s.reranker_id, s.backbone_id)), None)
-
-
-def modernbert_config(hf_config: dict):
-    """transformers' ModernBertConfig of a config.json dict (its bookkeeping keys dropped)."""
-    from transformers import ModernBertConfig
-
-    fields = {k: v for k, v in hf_config.items() if k not in ("model_type", "transformers_version")}
-    return ModernBertConfig(**fields)
 
 
 def _module_kind(entry: dict) -> str:
@@ -305,7 +298,6 @@ def random_checkpoint_dir(size: str, seed: int = 0) -> Path:
     import os
 
     from ettin_export import sizes
-    from ettin_export.synthetic.checkpoints import write_random_checkpoint
 
     sizes.get_size(size)  # refuse unknown sizes before doing anything
     cache = Path(os.environ.get("ETTIN_EXPORT_CACHE", Path.home() / ".cache" / "ettin-export"))

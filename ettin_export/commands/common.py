@@ -122,7 +122,7 @@ def checked_output(out: str | Path, *, reads: tuple = ()) -> Path:
                              "Name another file.")
     if not path.parent.is_dir():
         raise UsageError(f"--out {path}: the folder {path.parent} does not exist; create it or name another file.")
-    from ettin_runtime.artifact import unwritable_problem
+    from ettin_export.staging import unwritable_problem
 
     problem = unwritable_problem(path, "--out")
     if problem:

@@ -112,6 +112,14 @@ class PackedConfig:
         )
 
 
+def modernbert_config(hf_config: dict):
+    """transformers' ModernBertConfig of a config.json dict (its bookkeeping keys dropped)."""
+    from transformers import ModernBertConfig
+
+    fields = {k: v for k, v in hf_config.items() if k not in ("model_type", "transformers_version")}
+    return ModernBertConfig(**fields)
+
+
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Position of each token inside its own pair (restarting at 0), from cu_seqlens alone.
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ettin_runtime.checks import whole_number
 from ettin_runtime.packing import not_text
 from ettin_runtime.reranker import apply_activation
 
@@ -135,7 +136,7 @@ def parse_request(raw: bytes, *, max_documents: int, truncation_side: str = "rig
             raise validation(f"`{field}[{index}]` {problem}")
         documents.append(item)
     top_n = body.get("top_n")
-    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+    if top_n is not None and not whole_number(top_n):
         raise validation(f"`top_n` must be an integer of at least 1 (omit it for every document), got {_shown(top_n)}")
     truncate = body.get("truncate")
     if truncate is False:

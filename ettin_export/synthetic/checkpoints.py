@@ -20,8 +20,7 @@ import torch
 from ettin_runtime.packing import pack
 
 from ettin_export import sizes
-from ettin_export.checkpoint.load import modernbert_config
-from ettin_export.model import HeadConfig, PackedConfig, PackedReranker, init_random_weights
+from ettin_export.model import HeadConfig, PackedConfig, PackedReranker, init_random_weights, modernbert_config
 from ettin_export.synthetic.text import random_pairs, random_sentence
 
 

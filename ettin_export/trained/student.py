@@ -88,7 +88,7 @@ def write_student(out_dir: str | Path, size: str, *, num_layers: int | None, see
     from safetensors.torch import save_file
     from transformers import ModernBertModel, PreTrainedTokenizerFast
 
-    from ettin_export.checkpoint.load import modernbert_config
+    from ettin_export.model import modernbert_config
     from ettin_export.synthetic.checkpoints import _write_json, _write_st_modules, modernbert_config_dict
 
     out = Path(out_dir)

@@ -5,9 +5,13 @@
     reranker.predict([("query", "document")])       # float32 raw scores, input order
     reranker.rank("query", ["doc a", "doc b"], top_k=1)
 
-    artifact.py     the artifact folder as typed data: Artifact.open, the RUNTIMES registry, StagedFolder
+    artifact.py     the artifact folder: Artifact.open (reads and verifies it), artifact.load()
+    manifest.py     the manifest's parts as typed data (source, model facts, engine, limits, parity summary)
+    loading.py      opening an artifact with a runtime: the RUNTIMES registry, LoadOptions, runtime="auto"
     reranker.py     the contract: Reranker (predict / rank / close) and PackedBatchReranker (local runtimes)
     packing.py      CrossEncoder-exact tokenization and unpadded packing
+    checks.py       shared value checks (whole_number)
+    machine.py      the CPU a gate ran on and its kernel class
     backends/       one file per local runtime (ONNX Runtime, OpenVINO, TensorRT)
     triton_client.py  TritonReranker: the same contract against a Triton Inference Server
     errors.py       the one error root
@@ -15,8 +19,9 @@
 
 from .artifact import Artifact
 from .errors import ArtifactError, EttinError, MissingDependency, RuntimeRefused
+from .loading import LoadOptions
 from .packing import PackedBatch, PairEncoder, PairInputError, pack, packed_batches, plan_batches
-from .reranker import LoadOptions, PackedBatchReranker, Reranker, apply_activation
+from .reranker import PackedBatchReranker, Reranker, apply_activation
 
 __all__ = [
     "Artifact",

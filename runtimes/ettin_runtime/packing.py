@@ -21,11 +21,17 @@ Pair = tuple[str, str]
 
 
 try:  # inside the ettin_runtime package: under the project's one error root
+    from .checks import whole_number
     from .errors import EttinError
 
     _ERROR_BASES: tuple[type, ...] = (EttinError, ValueError)
 except ImportError:  # copied alone into a Triton model repository (as ettin_packing.py)
     _ERROR_BASES = (ValueError,)
+
+    def whole_number(value, *, minimum: int = 1, allow_numpy: bool = False) -> bool:
+        """ettin_runtime.checks.whole_number, for this file on its own."""
+        kinds = (int, np.integer) if allow_numpy else int
+        return isinstance(value, kinds) and not isinstance(value, bool) and value >= minimum
 
 
 class PackingError(*_ERROR_BASES):
@@ -112,7 +118,7 @@ def smallest_max_length_of(root: str | Path) -> int:
 
 def check_max_length(value, smallest: int, where: str = "") -> int:
     """`value` as a max length of at least `smallest` tokens, or a PackingError saying what to pass."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < smallest:
+    if not whole_number(value, minimum=smallest, allow_numpy=True):
         template = f"the pair template's {smallest - 2} special tokens and " if smallest > 2 else ""
         raise PackingError(
             f"max_length must be an integer of at least {smallest} tokens ({template}one token each of query and "

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
+from .artifact import Artifact
+from .checks import whole_number
 from .packing import PackedBatch, Pair, PairEncoder, packed_batches
 
 ACTIVATIONS = ("identity", "sigmoid")
@@ -42,25 +43,6 @@ def apply_activation(scores: np.ndarray, activation: str | None) -> np.ndarray:
     raise ValueError(f"Unknown activation {activation!r}; choose one of {ACTIVATIONS} or None (raw scores).")
 
 
-@dataclass(frozen=True)
-class LoadOptions:
-    """How to open an artifact, with one meaning for every runtime.
-
-    device: "auto", "cpu", "cuda" or "cuda:N" (a GPU runtime takes its GPU from it; a CPU runtime
-        refuses "cuda" unless it has a CUDA provider).
-    threads: CPU threads per run for CPU runtimes; a GPU runtime ignores it.
-    max_length: truncate pairs to this many tokens instead of the artifact's max_length.
-    max_batch_tokens / max_batch_pairs: at most this much per run (a pair longer than the token budget
-        runs alone, within the artifact's limits).
-    """
-
-    device: str = "auto"
-    threads: int | None = None
-    max_length: int | None = None
-    max_batch_tokens: int | None = None
-    max_batch_pairs: int | None = None
-
-
 class Reranker(abc.ABC):
     """`predict(pairs)` -> float32 scores in input order; `rank(query, documents)` -> sorted dicts.
 
@@ -71,10 +53,9 @@ class Reranker(abc.ABC):
 
     @staticmethod
     def load(artifact_dir, *, allow_unverified: bool = False, **options) -> Reranker:
-        """Open an artifact folder with the runtime its manifest names; `options` are LoadOptions'.
-        An artifact that failed or never reached its parity gate is refused unless `allow_unverified`."""
-        from .artifact import Artifact
-
+        """Open an artifact folder with the runtime its manifest names (or `runtime=`); the other
+        `options` are ettin_runtime.loading.LoadOptions'. An artifact that failed or never reached its
+        parity gate is refused unless `allow_unverified`."""
         return Artifact.open(artifact_dir, allow_unverified=allow_unverified).load(**options)
 
     @property
@@ -110,7 +91,7 @@ class Reranker(abc.ABC):
             raise TypeError("documents must be a list of strings, not a single string.")
         if documents is None:
             raise TypeError("documents must be a list of strings, got None.")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0):
+        if top_k is not None and not whole_number(top_k, minimum=0, allow_numpy=True):
             raise ValueError(f"top_k must be None (all documents) or a non-negative integer, got {top_k!r}.")
         scores = self.predict([(query, doc) for doc in documents], batch_size=batch_size, activation=activation)
         order = np.argsort(-scores, kind="stable")
@@ -149,7 +130,7 @@ def _check_pairs(pairs) -> None:
 def _check_batch_size(batch_size) -> int | None:
     if batch_size is None:
         return None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not whole_number(batch_size, allow_numpy=True):
         raise ValueError(f"batch_size must be a positive integer (or None for the runtime's own), got {batch_size!r}.")
     return int(batch_size)
 

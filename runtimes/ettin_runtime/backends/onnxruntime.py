@@ -10,8 +10,9 @@ import numpy as np
 
 from ..artifact import CU_SEQLENS, INPUT_IDS, SCORES, Artifact
 from ..errors import ArtifactError, MissingDependency, RuntimeRefused
+from ..loading import LoadOptions
 from ..packing import PackedBatch, PairEncoder
-from ..reranker import LoadOptions, PackedBatchReranker
+from ..reranker import PackedBatchReranker
 
 # bf16 CPU artifacts hold the fp32 graph for OpenVINO's bf16 compute (ONNX Runtime's CPU provider has
 # no bf16 MatMul); the H100's bf16 graph is TensorRT's.

@@ -20,8 +20,9 @@ import numpy as np
 
 from ..artifact import CU_SEQLENS, INPUT_IDS, Artifact
 from ..errors import ArtifactError, MissingDependency
+from ..loading import LoadOptions
 from ..packing import PackedBatch, PairEncoder
-from ..reranker import LoadOptions, PackedBatchReranker
+from ..reranker import PackedBatchReranker
 
 INSTALL_HINT = "pip install 'ettin-export[openvino]'  (or: pip install openvino onnx)"
 # The artifact's precision -> OpenVINO's inference precision. int8 artifacts hold ONNX Runtime's

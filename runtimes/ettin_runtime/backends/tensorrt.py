@@ -36,8 +36,9 @@ import numpy as np
 
 from ..artifact import CU_SEQLENS, INPUT_IDS, SCORES, Artifact, Limits, TensorRTFacts
 from ..errors import ArtifactError, EttinError, MissingDependency
+from ..loading import LoadOptions
 from ..packing import PackedBatch, PairEncoder
-from ..reranker import LoadOptions, PackedBatchReranker
+from ..reranker import PackedBatchReranker
 
 INPUT_NAMES = (INPUT_IDS, CU_SEQLENS)
 OUTPUT_NAME = SCORES

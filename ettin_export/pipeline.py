@@ -48,8 +48,7 @@ def prepare_output(out: Path, force: bool) -> None:
 def check_limits(options: BuildOptions) -> None:
     """The batch limits against the max length, before any long work: a run must hold one full-length
     pair, and at least one pair."""
-    def positive(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    from ettin_runtime.checks import whole_number as positive
 
     if options.max_batch_pairs is not None and not positive(options.max_batch_pairs):
         raise BuildError(f"--max-batch-size must be an integer of at least 1 (pairs per run); got "

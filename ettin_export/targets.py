@@ -70,7 +70,7 @@ class Precision:
     name: str  # "fp32" | "int8" | "bf16"
     description: str
     bounds: ScoreBounds
-    runtimes: tuple[str, ...]  # ettin_runtime.artifact.RUNTIMES keys, the first when nothing is timed
+    runtimes: tuple[str, ...]  # ettin_runtime.loading.RUNTIMES keys, the first when nothing is timed
     recipe: tuple[tuple[str, object], ...] = ()
     # Any one of these CPU features (ettin_runtime.machine) makes the precision run natively; () for any CPU.
     # Without them a runtime emulates it in fp32, so a gate judged there would not judge the precision.

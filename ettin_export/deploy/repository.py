@@ -29,7 +29,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ettin_runtime.artifact import TOKENIZER_FILES, Artifact, StagedFolder, replacement_problem, unwritable_problem
+from ettin_runtime.artifact import TOKENIZER_FILES, Artifact
 
 from ettin_export.deploy.checks import (
     BUDGET_PAIRS,
@@ -56,6 +56,7 @@ from ettin_export.deploy.configs import (
 )
 from ettin_export.deploy.engines import ENGINE_LAYOUTS, FRONT_REQUIREMENTS
 from ettin_export.deploy.schema import ConfigError, config_to_text, parse_config
+from ettin_export.staging import StagedFolder, replacement_problem, unwritable_problem
 
 MARKER_NAME = "ettin-deploy.json"
 TOKENIZER_DIR = "tokenizer"

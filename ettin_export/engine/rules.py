@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ettin_runtime.artifact import Limits, Profile
+from ettin_runtime.checks import whole_number
 
 from ettin_export.errors import BuildError
 
@@ -92,7 +93,7 @@ def engine_profile(max_batch_pairs: int, max_length: int, max_batch_tokens: int 
 
 
 def _require_int(flag: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not whole_number(value, minimum=minimum):
         raise BuildError(f"{flag} must be an integer of at least {minimum}; got {value!r}.")
 
 

@@ -8,7 +8,7 @@ CPU features it needs to run natively, and how it turns the exported fp32 graph 
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
+import importlib
 import importlib.util
 import shutil
 from pathlib import Path
@@ -99,7 +99,7 @@ def _with_runtime(artifact: Artifact, engine: Engine, runtime: str, recipe: dict
     """The staged artifact naming `runtime`, with the recipe and how the runtime was chosen; written."""
     record = {"recipe": recipe, "runtime_choice": {**choice, "chosen": runtime}}
     if runtime != "onnxruntime":  # the engine records ONNX Runtime's version already (Engine.onnxruntime_version)
-        record[f"{runtime}_version"] = importlib.metadata.version(runtime)
+        record[f"{runtime}_version"] = importlib.import_module(runtime).__version__  # with its build id
     artifact = artifact.replace(engine=dataclasses.replace(engine, runtime=runtime, record=record))
     artifact.write()
     return artifact

@@ -57,6 +57,9 @@ def check_limits(options: BuildOptions) -> None:
                                                      and options.max_batch_tokens >= options.max_length):
         raise BuildError(f"--max-batch-tokens {options.max_batch_tokens!r} is below the max length {options.max_length}: "
                          "one full-length pair would not fit in a run. Pass at least that, or leave it out.")
+    if options.int8_max_fp32_layers is not None and not positive(options.int8_max_fp32_layers, minimum=0):
+        raise BuildError(f"--int8-max-fp32-layers must be a whole number of at least 0; got "
+                         f"{options.int8_max_fp32_layers!r}.")
     if options.parity_queries is not None and not positive(options.parity_queries):
         raise BuildError(f"--parity-queries must be an integer of at least 1; got {options.parity_queries!r}.")
 

@@ -261,8 +261,8 @@ def test_a_wrong_head_scale_fails_the_int8_gate(tiny_checkpoint, tmp_path, relax
 
     real = quantize.quantize_int8
 
-    def broken(source, destination):
-        recipe = real(source, destination)
+    def broken(source, destination, **options):
+        recipe = real(source, destination, **options)
         proto = onnx.load(str(destination))
         classifier = next(n for n in proto.graph.node if n.name.startswith(recipe["kept_fp32_linear_layers"][-1]))
         weight = next(t for t in proto.graph.initializer if t.name in classifier.input)

@@ -47,6 +47,7 @@ class BuildOptions:
     check_crossencoder: bool = True
     parity_queries: int | None = None  # None: default_parity_queries() for the model and target
     parity_pairs: str | None = None  # a pairs file to gate on instead of the built-in set
+    int8_max_fp32_layers: int | None = None  # int8 failing its gate: at most this many layers back to fp32 (None: a quarter)
     precision: str | None = None  # None: the target's (cpu: fp32; also int8, bf16)
     runtime: str | None = None  # None: the fastest of the precision's runtimes installed here
     traffic: str = "nq-like"  # the pairs runtimes are timed on: a length profile or a JSON-lines pairs file

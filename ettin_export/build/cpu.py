@@ -13,6 +13,8 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from ettin_runtime.artifact import DEFAULT_MAX_BATCH_PAIRS, DEFAULT_MAX_BATCH_TOKENS, Artifact, Engine, Limits
 from ettin_runtime.packing import PairEncoder
 
@@ -141,7 +143,8 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
     The exported fp32 graph, turned into the precision's own by its graph maker where it has one (int8:
     ONNX Runtime's dynamic quantization of the linear layers; bf16 runs the fp32 graph under OpenVINO's
     bf16 compute). The runtime is the fastest of those that can run the precision here (timed on
-    traffic-shaped pairs), unless --runtime names one."""
+    traffic-shaped pairs), unless --runtime names one. An int8 graph that fails its gate gets its most
+    sensitive linear layers back in fp32, by measurement, until it passes (ettin_export.build.int8_fallback)."""
     import onnx
     import onnxruntime
 
@@ -170,28 +173,37 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
             graph = staging.path / "model.onnx"
             with steps.step(precision.graph_step):
                 recipe.update(make_graph(exported.path, graph, model.config.num_layers))
+        copy_tokenizer_files(checkpoint, staging.path)
+        limits = Limits(options.max_batch_pairs or DEFAULT_MAX_BATCH_PAIRS,
+                        options.max_batch_tokens or max(DEFAULT_MAX_BATCH_TOKENS, options.max_length))
+        external = staging.path / (graph.name + ".data")
+        engine = onnx_engine(graph, external if external.is_file() else None, runtime=candidates[0],
+                             record={"recipe": recipe})
+        artifact = new_artifact(checkpoint, options, staging.path, engine=engine, limits=limits, precision=precision.name)
+        choice = {"candidates": candidates, "by": "--runtime" if options.runtime else "the only one installed"}
+        if len(candidates) > 1:
+            from ettin_runtime.machine import this_machine
+
+            sample, traffic = traffic_pairs(artifact, options.traffic, run.pairs)
+            choice.update(pairs_per_s=time_runtimes(artifact, candidates, sample, steps), by="timed on this machine",
+                          traffic=traffic, timed_pairs=len(sample), machine=this_machine())
+            candidates = sorted(candidates, key=lambda name: -choice["pairs_per_s"][name])
+        artifact, report = _judge_runtimes(artifact, engine, candidates, recipe, choice, run, options, precision, steps)
+        if precision.name == "int8" and not report.passed and options.int8_max_fp32_layers != 0:
+            artifact, report = _int8_fallback(artifact, exported.path, graph, candidates, recipe, choice, run, options,
+                                              precision, model.config.num_layers, steps, report)
     finally:
         if fp32_dir != staging.path:
             shutil.rmtree(fp32_dir, ignore_errors=True)
-    copy_tokenizer_files(checkpoint, staging.path)
-    limits = Limits(options.max_batch_pairs or DEFAULT_MAX_BATCH_PAIRS,
-                    options.max_batch_tokens or max(DEFAULT_MAX_BATCH_TOKENS, options.max_length))
-    external = staging.path / (graph.name + ".data")
-    engine = onnx_engine(graph, external if external.is_file() else None, runtime=candidates[0],
-                         record={"recipe": recipe})
-    artifact = new_artifact(checkpoint, options, staging.path, engine=engine, limits=limits, precision=precision.name)
-    choice = {"candidates": candidates, "by": "--runtime" if options.runtime else "the only one installed"}
-    if len(candidates) > 1:
-        from ettin_runtime.machine import this_machine
+    finish_artifact(artifact, report)
+    return report
 
-        sample, traffic = traffic_pairs(artifact, options.traffic, run.pairs)
-        choice.update(pairs_per_s=time_runtimes(artifact, candidates, sample, steps), by="timed on this machine",
-                      traffic=traffic, timed_pairs=len(sample), machine=this_machine())
-        candidates = sorted(candidates, key=lambda name: -choice["pairs_per_s"][name])
-    # The fastest runtime that passes the gate: runtimes round differently (OpenVINO's fp32 kernels sit
-    # closer to the fp32 bound than ONNX Runtime's at 150m), so each is judged, in order of speed, and
-    # every verdict is kept (Reranker.load(runtime="auto") may re-choose among the passed ones on a CPU
-    # of another class); when none passes, the fastest one's report is the verdict.
+
+def _judge_runtimes(artifact, engine, candidates, recipe, choice, run, options, precision, steps):
+    """The fastest runtime that passes the gate: runtimes round differently (OpenVINO's fp32 kernels sit
+    closer to the fp32 bound than ONNX Runtime's at 150m), so each is judged, in order of speed, and
+    every verdict is kept (Reranker.load(runtime="auto") may re-choose among the passed ones on a CPU
+    of another class); when none passes, the fastest one's report is the verdict."""
     verdicts: dict[str, str] = {}
     judged = []
     for runtime_name in candidates:
@@ -209,6 +221,55 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
             steps.note(f"{runtime_name} failed the gate ({verdicts[runtime_name]}); judging the next runtime")
     runtime_name, report = next(((name, r) for name, r in judged if r.passed), judged[0])
     artifact = _with_runtime(artifact, engine, runtime_name, recipe, {**choice, "gate": dict(verdicts)})
-    finish_artifact(artifact, report)
-    return report
+    return artifact, report
 
+
+def _int8_fallback(artifact, fp32_graph, graph, candidates, recipe, choice, run, options, precision, num_layers,
+                   steps, report):
+    """Keep the int8 graph's most sensitive linear layers in fp32, one more per try, until the gate passes."""
+    import onnx
+
+    from ettin_export.build import int8_fallback as fallback
+    from ettin_export.graph.quantize import linear_nodes
+
+    body = linear_nodes(onnx.load(str(fp32_graph), load_external_data=False))[:-2]
+    limit = options.int8_max_fp32_layers
+    limit = fallback.default_max_kept(len(body)) if limit is None else min(limit, len(body))
+    steps.note(f"int8 failed its gate ({'; '.join(report.failures)}); measuring which of the {len(body)} linear "
+               f"layers it is sensitive to, to keep up to {limit} in fp32")
+    spans = fallback.probe_spans(run.spans)
+    probe_pairs = [pair for span in spans for pair in run.pairs[span]]
+    anchor = np.concatenate([np.asarray(run.references.anchor)[span] for span in spans])
+    local = [slice(start, start + span.stop - span.start) for span, start in
+             zip(spans, np.cumsum([0] + [span.stop - span.start for span in spans])[:-1].tolist())]
+    bounds = options.target.bounds_for(precision.name)
+    with steps.step(f"int8 sensitivity of {len(body)} linear layers on {len(probe_pairs)} of the pairs"):
+        sensitivity = fallback.layer_sensitivity(fp32_graph, graph.parent, fallback.graph_scorer(run.encoder, probe_pairs),
+                                                 anchor, local, bounds)
+    order = fallback.fallback_order(sensitivity)[:limit]
+    record = {"sensitivity": sensitivity, "max_kept": limit, "tries": [
+        {"kept_fp32": [], "passed": False, "failures": list(report.failures)}]}
+    for count in range(1, len(order) + 1):
+        keep = order[:count]
+        with steps.step(f"int8 with {', '.join(keep)} in fp32"):
+            made = precision.make_graph()(fp32_graph, graph, num_layers, keep_fp32=keep)
+            tried = {**recipe, **made, "quantized": f"the backbone's linear layers but {len(keep)} kept in fp32"}
+            external = graph.parent / (graph.name + ".data")
+            engine = onnx_engine(graph, external if external.is_file() else None, runtime=candidates[0],
+                                 record={"recipe": tried})
+            artifact = artifact.replace(engine=engine)
+            artifact, report = _judge_runtimes(artifact, engine, candidates, tried, choice, run, options, precision,
+                                               steps)
+        record["tries"].append({"kept_fp32": keep, "passed": report.passed, "failures": list(report.failures)})
+        if report.passed:
+            break
+    if report.passed:
+        steps.note(f"int8 passed with {', '.join(record['tries'][-1]['kept_fp32'])} in fp32")
+    else:
+        steps.note(f"int8 still fails with {len(order)} of {len(body)} linear layers kept in fp32 (at most {limit}: "
+                   "--int8-max-fp32-layers N raises it)")
+    final = dict(artifact.engine.record["recipe"])
+    final["fallback"] = record
+    artifact = _with_runtime(artifact, artifact.engine, artifact.engine.runtime, final,
+                             artifact.engine.record["runtime_choice"])
+    return artifact, report

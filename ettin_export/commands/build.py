@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--traffic", default="nq-like", metavar="PROFILE|FILE",
                         help="cpu: the pairs the candidate runtimes are timed on to choose one: a length profile "
                              "(nq-like, short, long) or a JSON-lines file of your pairs (default nq-like)")
+    parser.add_argument("--int8-max-fp32-layers", type=int, metavar="N",
+                        help="cpu int8 whose gate fails: keep up to N of its most sensitive linear layers in fp32, "
+                             "measured on the parity pairs, until it passes (default: a quarter of them; 0: never)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -66,6 +69,6 @@ def run(args) -> int:
         max_batch_pairs=args.max_batch_size, max_batch_tokens=args.max_batch_tokens, force=args.force,
         onnx_only=args.onnx_only, check_crossencoder=not args.skip_crossencoder_check,
         parity_queries=args.parity_queries, parity_pairs=args.parity_pairs, traffic=args.traffic, quiet=args.quiet, command_line=["ettin-export", *args.argv],
-        precision=args.precision, runtime=args.runtime,
+        precision=args.precision, runtime=args.runtime, int8_max_fp32_layers=args.int8_max_fp32_layers,
     )
     return run_build(lambda: open_checkpoint(args), options)

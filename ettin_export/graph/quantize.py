@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -106,15 +107,19 @@ def per_token_activations(proto: onnx.ModelProto) -> int:
     return len(scales)
 
 
-def quantize_int8(source: Path, destination: Path, *, per_token: bool = True) -> dict:
+def quantize_int8(source: Path, destination: Path, *, per_token: bool = True, keep_fp32: Sequence[str] = ()) -> dict:
     """Write the int8 graph of `source` to `destination`; return the recipe as recorded in the manifest.
     `per_token=False` keeps ONNX Runtime's per-batch activation scales (for comparison only: a pair's
-    score then moves with its batch neighbours)."""
+    score then moves with its batch neighbours). `keep_fp32`: further linear nodes (names from
+    `linear_nodes`) left in fp32 beside the head."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     proto = onnx.load(str(source), load_external_data=False)
     linears = linear_nodes(proto)
-    head = linears[-2:]
+    unknown = sorted(set(keep_fp32) - set(linears))
+    if unknown:
+        raise ValueError(f"keep_fp32 names no linear node of {source}: {unknown}")
+    head = [name for name in linears[:-2] if name in set(keep_fp32)] + linears[-2:]  # the classifier last
     del proto
     with _quiet_root_logger():
         quantize_dynamic(
@@ -144,13 +149,13 @@ def quantized_nodes(proto: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def int8_graph(source: Path, destination: Path, num_layers: int) -> dict:
+def int8_graph(source: Path, destination: Path, num_layers: int, *, keep_fp32: Sequence[str] = ()) -> dict:
     """The int8 precision's graph (targets.CPU_PRECISIONS["int8"].graph_maker): `source` quantized into
     `destination`, its contract re-checked (the attention op, its body and the I/O survive), and what the
     recipe records: the quantizer's settings and the node counts."""
     from ettin_export.graph.validate import check_graph_contract
 
-    recipe = quantize_int8(source, destination)
+    recipe = quantize_int8(source, destination, keep_fp32=keep_fp32)
     quantized = onnx.load(str(destination), load_external_data=False)
     check_graph_contract(quantized, num_layers)
     recipe["nodes"] = quantized_nodes(quantized)

@@ -29,7 +29,7 @@ import numpy as np
 
 from ettin_export.trained import data as docdata
 
-MAKER_VERSION = 1
+MAKER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -49,16 +49,20 @@ class Recipe:
     label_scale: float = 20.0
     label_shift: float = 0.4
     train_embeddings: bool = True
+    init: str = "lexical"  # "lexical": ettin_export.trained.lexical first; "random": transformers' init only
+    loss: str = "listwise"  # "listwise": soft-max CE against (1 - hard) softmax(labels) + hard one-hot; "mse"
+    hard: float = 0.5
 
     def key(self) -> str:
         blob = json.dumps({"maker": MAKER_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-FULL_RECIPES = {"32m": Recipe(size="32m"), "17m": Recipe(size="17m")}
-# The test fixture: 32m's config at 2 layers (one global, one local), stdlib text only, under a minute.
-TINY_RECIPE = Recipe(size="32m", num_layers=2, train_packages=(), train_queries=1200, steps=120, lr=1e-3,
-                     train_max_length=96, train_embeddings=False)
+# Full depth at Ettin's 17m / 32m configs, from the lexical initialisation: ~25 minutes on 2 cores.
+FULL_RECIPES = {size: Recipe(size=size, train_queries=2000, steps=250, lr=1e-4) for size in ("17m", "32m")}
+# The test fixture: 32m's config at 2 layers (one global, one local), stdlib text only, well under a minute.
+TINY_RECIPE = Recipe(size="32m", num_layers=2, train_packages=(), train_queries=150, negatives=7, steps=20,
+                     lr=1e-4, train_max_length=128)
 
 HELDOUT_QUERIES = 300
 HELDOUT_CANDIDATES = 50
@@ -216,7 +220,8 @@ def training_groups(recipe: Recipe, train: list[docdata.DocPair]):
     return groups
 
 
-def train_student(folder: Path, recipe: Recipe, groups, labels: np.ndarray, progress=None) -> dict:
+def train_student(folder: Path, recipe: Recipe, groups, labels: np.ndarray, train_documents: list[str],
+                  progress=None) -> dict:
     import torch
     from sentence_transformers import CrossEncoder
     from sentence_transformers.cross_encoder.losses import MSELoss
@@ -224,9 +229,20 @@ def train_student(folder: Path, recipe: Recipe, groups, labels: np.ndarray, prog
     torch.manual_seed(recipe.seed)
     model = CrossEncoder(str(folder), device="cpu")
     model.max_length = recipe.train_max_length
+    init = {"init": recipe.init}
+    if recipe.init == "lexical":
+        from ettin_export.trained import lexical
+        from ettin_export.trained.student import wordpiece_tokenizer
+
+        backbone = model[0].model if hasattr(model[0], "model") else model[0].auto_model
+        idf, content = lexical.token_weights(wordpiece_tokenizer(), train_documents, backbone.config.vocab_size)
+        init = lexical.construct(model, idf, content, seed=recipe.seed, max_positions=recipe.max_seq_length)
+    elif recipe.init != "random":
+        raise ValueError(f"unknown init {recipe.init!r}: 'lexical' or 'random'")
     if not recipe.train_embeddings:
-        model[0].model.embeddings.tok_embeddings.weight.requires_grad_(False)
-    loss_fn = MSELoss(model)
+        backbone = model[0].model if hasattr(model[0], "model") else model[0].auto_model
+        backbone.embeddings.tok_embeddings.weight.requires_grad_(False)
+    mse = MSELoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
     warmup = max(1, int(recipe.warmup * recipe.steps))
@@ -237,17 +253,24 @@ def train_student(folder: Path, recipe: Recipe, groups, labels: np.ndarray, prog
     losses = []
     model.train()
     start = time.perf_counter()
+    width = 1 + recipe.negatives
     for step in range(recipe.steps):
         if len(order) < recipe.group_queries:
             order.extend(rng.permutation(len(groups)).tolist())
         batch, order = order[: recipe.group_queries], order[recipe.group_queries:]
-        qs, ds, ys = [], [], []
+        qs, ds = [], []
         for g in batch:
             query, docs = groups[g]
             qs += [query] * len(docs)
             ds += docs
-            ys.append(labels[g])
-        loss = loss_fn([qs, ds], torch.tensor(np.concatenate(ys), dtype=torch.float32))
+        target = torch.tensor(labels[batch], dtype=torch.float32)
+        if recipe.loss == "mse":
+            loss = mse([qs, ds], target.reshape(-1))
+        else:  # listwise: the positive is candidate 0 of each group
+            logits = model(model.preprocess(list(zip(qs, ds))))["scores"].reshape(len(batch), width)
+            soft = (1 - recipe.hard) * torch.softmax(target, -1)
+            soft[:, 0] += recipe.hard
+            loss = -(soft * torch.log_softmax(logits, -1)).sum(-1).mean()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -257,21 +280,26 @@ def train_student(folder: Path, recipe: Recipe, groups, labels: np.ndarray, prog
         if progress is not None:
             progress(step + 1, float(np.mean(losses[-20:])))
     model.eval()
-    return {"model": model, "train_s": time.perf_counter() - start, "loss_first20": float(np.mean(losses[:20])),
-            "loss_last20": float(np.mean(losses[-20:]))}
+    return {"model": model, "init": init, "train_s": time.perf_counter() - start,
+            "loss_first20": float(np.mean(losses[:20])), "loss_last20": float(np.mean(losses[-20:]))}
 
 
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate(score_pairs, beir: Path, teacher: Teacher | None = None, seed: int = 0) -> dict:
+def evaluate(score_pairs, beir: Path, teacher: Teacher | None = None, seed: int = 0, *,
+             queries_limit: int | None = None, top_k: int | None = None) -> dict:
     """NDCG@10 / MRR@10 on the held-out set's BM25 candidates: the reranker (`score_pairs(pairs) -> scores`),
     BM25's own order, a seeded random order and (given) the teacher's cosine; and the reranker's margin:
     per query, the relevant candidate's score minus the median candidate's (median over queries whose
-    relevant document is among the candidates)."""
+    relevant document is among the candidates). `queries_limit` / `top_k`: the first queries only, each
+    with its first BM25 candidates only (the tests' quick look)."""
     from ettin_export.evaluation.metrics import mean_metrics, ranked
 
     queries, corpus, qrels, candidates = read_heldout(beir)
+    if queries_limit is not None:
+        queries = dict(list(queries.items())[:queries_limit])
+    candidates = {q: list(candidates[q])[:top_k] for q in queries}
     owners = [(q, d) for q in queries for d, _ in candidates[q]]
     pairs = [(queries[q], corpus[d]) for q, d in owners]
     results = {}
@@ -336,6 +364,7 @@ def make_trained_reranker(out_dir: str | Path, recipe: Recipe = FULL_RECIPES["32
         groups = training_groups(recipe, train)
     teacher = Teacher()
     with steps.step(f"teacher labels for {len(groups) * (1 + recipe.negatives)} pairs"):
+        teacher.embed([q for q, _ in groups] + [d for _, docs in groups for d in docs])  # one call: length-sorted batches
         cos = [teacher.cosine([(q, d) for d in docs]) for q, docs in groups]
         labels = np.stack([recipe.label_scale * (c - recipe.label_shift) for c in cos]).astype(np.float32)
     steps.note(f"labels: positive mean {labels[:, 0].mean():.2f}, negatives mean {labels[:, 1:].mean():.2f}")
@@ -346,7 +375,7 @@ def make_trained_reranker(out_dir: str | Path, recipe: Recipe = FULL_RECIPES["32
 
     with Progress(transient=True, disable=quiet) as bar, steps.step(f"{recipe.steps} training steps"):
         task = bar.add_task("training", total=recipe.steps)
-        trained = train_student(out, recipe, groups, labels,
+        trained = train_student(out, recipe, groups, labels, [p.document for p in train],
                                 progress=lambda s, l: bar.update(task, completed=s, description=f"loss {l:.2f}"))
     steps.note(f"loss {trained['loss_first20']:.2f} -> {trained['loss_last20']:.2f} in {trained['train_s']:.0f} s")
     train_texts = [p for p in train]
@@ -363,6 +392,7 @@ def make_trained_reranker(out_dir: str | Path, recipe: Recipe = FULL_RECIPES["32
                  "train_pairs_available": len(train), "train_queries": len(groups),
                  "pairs_per_query": 1 + recipe.negatives, "train_sources": docdata.sources(train_texts),
                  "train_sha256": docdata.dataset_fingerprint(train)},
+        "init": trained["init"],
         "training": {"steps": recipe.steps, "pairs_seen": recipe.steps * recipe.group_queries * (1 + recipe.negatives),
                      "train_s": round(trained["train_s"], 1), "loss_first20": trained["loss_first20"],
                      "loss_last20": trained["loss_last20"], "torch_threads": torch.get_num_threads()},

@@ -1,0 +1,105 @@
+"""int8 that fails its rank gate: the linear layers the scores are most sensitive to go back to fp32, chosen
+by measurement on the parity pairs, until the gate passes (accuracy-aware mixed precision).
+
+Sensitivity of a linear layer: the gate's metrics (Spearman, top-1, top-10 overlap against the fp64 anchor,
+and the score scale) of a graph in which only that layer is int8, each metric's shortfall taken as a share
+of what its bound allows (`damage`: 1.0 uses up one bound's whole allowance). The build keeps the most
+damaging layers in fp32, one more per try, and judges each try with the real gate; it gives up after
+`max_kept` layers (by default a quarter of the backbone's linear layers: beyond that int8 buys little speed)
+and the last try's report is the verdict. Everything measured goes into the recipe in manifest.json.
+
+Measured on the trained fixture (docs/trained-reranker.md): all layers int8, Spearman 0.934 and top-1 90 %
+against fp32; the damage sits in the attention projections (Wqkv) of layers 0 and 1, whose constructed
+lexical-match logits are large multiples of small activations that per-token 8-bit scales round coarsely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ettin_export.parity import ParityMetrics
+from ettin_export.targets import ScoreBounds
+
+
+def damage(metrics: ParityMetrics, bounds: ScoreBounds, scale: float) -> float:
+    """How much of the rank gates' allowance `metrics` use, summed over the bounds (0 for identical rankings)."""
+    shares = [(1.0 - metrics.spearman) / max(1e-9, 1.0 - bounds.min_spearman),
+              (1.0 - metrics.top1_agreement) / max(1e-9, 1.0 - bounds.min_top1_agreement),
+              (1.0 - metrics.top10_overlap) / max(1e-9, 1.0 - bounds.min_top10_overlap)]
+    if bounds.max_scale_error:
+        shares.append(abs(scale - 1.0) / bounds.max_scale_error)
+    return float(sum(shares))
+
+
+def graph_scorer(encoder, pairs: Sequence[tuple[str, str]], batch_pairs: int = 32) -> Callable[[Path], np.ndarray]:
+    """scores(graph) of `pairs` with ONNX Runtime's CPU provider (each batch one packed execution)."""
+    import onnxruntime
+
+    from ettin_export.graph.validate import INPUT_NAMES, OUTPUT_NAMES
+    from ettin_runtime.packing import pack
+
+    ids = encoder.encode(list(pairs))
+
+    def scores(graph: Path) -> np.ndarray:
+        session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        out = []
+        for start in range(0, len(ids), batch_pairs):
+            packed = pack(ids[start:start + batch_pairs])
+            (got,) = session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, (packed.input_ids, packed.cu_seqlens))))
+            out.append(got.reshape(-1))
+        return np.concatenate(out).astype(np.float64)
+
+    return scores
+
+
+def layer_sensitivity(fp32_graph: Path, workdir: Path, score: Callable[[Path], np.ndarray], anchor: np.ndarray,
+                      spans: Sequence[slice], bounds: ScoreBounds, progress: Callable[[int, int], None] | None = None
+                      ) -> list[dict]:
+    """Per backbone linear layer (graph order): the gate's metrics with only that layer in int8, and its damage."""
+    import onnx
+
+    from ettin_export.graph.quantize import linear_nodes, quantize_int8
+    from ettin_export.parity.rule import score_scale
+
+    body = linear_nodes(onnx.load(str(fp32_graph), load_external_data=False))[:-2]
+    probe = workdir / "sensitivity.onnx"
+    rows = []
+    for index, name in enumerate(body):
+        quantize_int8(fp32_graph, probe, keep_fp32=[other for other in body if other != name])
+        candidate = score(probe)
+        metrics = ParityMetrics.compute(anchor, candidate, spans)
+        scale = score_scale(candidate, anchor)
+        rows.append({"layer": name, "damage": round(damage(metrics, bounds, scale), 4),
+                     "spearman": metrics.spearman, "top1_agreement": metrics.top1_agreement,
+                     "top10_overlap": metrics.top10_overlap, "score_scale": round(scale, 5)})
+        if progress is not None:
+            progress(index + 1, len(body))
+    for leftover in workdir.glob("sensitivity.onnx*"):
+        leftover.unlink()
+    return rows
+
+
+PROBE_PAIRS = 400  # the sensitivity probes score whole queries up to about this many pairs
+
+
+def probe_spans(spans: Sequence[slice], budget: int = PROBE_PAIRS) -> list[slice]:
+    """The queries (spans of the parity pairs) the sensitivity probes score: every one up to `budget` pairs,
+    else an even spread across the set (at least 4 queries)."""
+    if sum(span.stop - span.start for span in spans) <= budget:
+        return list(spans)
+    mean = np.mean([span.stop - span.start for span in spans])
+    count = min(len(spans), max(4, int(budget // mean)))
+    return [spans[i] for i in np.linspace(0, len(spans) - 1, count).round().astype(int).tolist()]
+
+
+def default_max_kept(num_linear_layers: int) -> int:
+    return max(1, num_linear_layers // 4)
+
+
+def fallback_order(sensitivity: Sequence[dict]) -> list[str]:
+    """The layers to keep in fp32, most damaging first (layers that did no measurable damage are never kept)."""
+    ranked = sorted((row for row in sensitivity if row["damage"] > 1e-3), key=lambda row: -row["damage"])
+    return [row["layer"] for row in ranked]

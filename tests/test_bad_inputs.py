@@ -113,6 +113,8 @@ def test_a_rejected_build_can_be_inspected_on_request(tiny_artifact, tmp_path, c
     (["--max-batch-tokens", "10"], "--max-batch-tokens 10 is below the max length 200"),
     (["--max-batch-size", "0"], "--max-batch-size must be an integer of at least 1 (pairs per run); got 0"),
     (["--parity-queries", "0"], "--parity-queries must be an integer of at least 1; got 0"),
+    (["--precision", "int8", "--int8-max-fp32-layers", "-1"], "--int8-max-fp32-layers must be a whole number of at "
+                                                              "least 0; got -1"),
 ])
 def test_build_limits_are_refused_in_seconds(tiny_checkpoint, tmp_path, capsys, argv, message):
     out = tmp_path / "out"

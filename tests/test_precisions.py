@@ -272,7 +272,7 @@ def test_a_wrong_head_scale_fails_the_int8_gate(tiny_checkpoint, tmp_path, relax
 
     monkeypatch.setattr(quantize, "quantize_int8", broken)
     out = tmp_path / "broken-int8"
-    assert _build(tiny_checkpoint, out, "int8", runtime="onnxruntime", quiet=False) == 1
+    assert _build(tiny_checkpoint, out, "int8", runtime="onnxruntime", quiet=False, int8_max_fp32_layers=0) == 1
     assert not out.exists() and (tmp_path / "broken-int8.rejected").is_dir()
     parity = json.loads((tmp_path / "broken-int8.rejected" / "parity.json").read_text())
     assert not parity["passed"] and any("score scale 1.2" in f for f in parity["failures"])
@@ -490,3 +490,34 @@ def test_deploy_triton_serves_reduced_artifacts_with_their_own_runtime(reduced, 
     assert report["exited"], report
     assert got.shape == expected.shape and np.corrcoef(got, expected)[0, 1] > 0.99
     assert np.max(np.abs(got - expected)) <= max(2 * gate, 0.05)
+
+
+def test_int8_fallback_measures_damage_against_the_bounds():
+    """The fallback's arithmetic: a layer's damage is the share of each rank bound's allowance it uses, the
+    layers kept in fp32 are the most damaging first (none that did no damage), and the sensitivity probes
+    score whole queries spread over the parity set."""
+    from ettin_export.build import int8_fallback as fallback
+    from ettin_export.parity import ParityMetrics
+
+    bounds = targets.CPU_PRECISIONS["int8"].bounds
+    rng = np.random.default_rng()
+    anchor, spans = _groups(rng, queries=30, documents=31)
+    same = ParityMetrics.compute(anchor, anchor.copy(), spans)
+    assert fallback.damage(same, bounds, 1.0) == pytest.approx(0.0, abs=1e-9)
+    at_bounds = dataclasses.replace(same, spearman=bounds.min_spearman, top1_agreement=bounds.min_top1_agreement,
+                                    top10_overlap=bounds.min_top10_overlap)
+    assert fallback.damage(at_bounds, bounds, 1.0 + bounds.max_scale_error) == pytest.approx(4.0)
+    swapped = anchor.copy()
+    swapped[spans[0].start], swapped[spans[0].start + 1] = swapped[spans[0].start + 1], swapped[spans[0].start]
+    one_flip = fallback.damage(ParityMetrics.compute(anchor, swapped, spans), bounds, 1.0)
+    assert (1 / 30) / (1 - bounds.min_top1_agreement) < one_flip < 5  # one top-1 flip in 30 queries: over a bound
+
+    rows = [{"layer": "a", "damage": 0.2}, {"layer": "b", "damage": 7.0}, {"layer": "c", "damage": 0.0},
+            {"layer": "d", "damage": 1.5}]
+    assert fallback.fallback_order(rows) == ["b", "d", "a"]
+    assert fallback.default_max_kept(28) == 7 and fallback.default_max_kept(3) == 1
+
+    assert fallback.probe_spans(spans, budget=10_000) == spans
+    probed = fallback.probe_spans(spans, budget=200)
+    assert probed[0] == spans[0] and probed[-1] == spans[-1] and len(set(s.start for s in probed)) == len(probed) == 6
+    assert len(fallback.probe_spans(spans[:5], budget=10)) == 4  # at least 4 queries

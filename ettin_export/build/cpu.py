@@ -231,6 +231,7 @@ def _int8_fallback(artifact, fp32_graph, graph, candidates, recipe, choice, run,
 
     from ettin_export.build import int8_fallback as fallback
     from ettin_export.graph.quantize import linear_nodes
+    from ettin_runtime.artifact import hash_files
 
     body = linear_nodes(onnx.load(str(fp32_graph), load_external_data=False))[:-2]
     limit = options.int8_max_fp32_layers
@@ -257,7 +258,7 @@ def _int8_fallback(artifact, fp32_graph, graph, candidates, recipe, choice, run,
             external = graph.parent / (graph.name + ".data")
             engine = onnx_engine(graph, external if external.is_file() else None, runtime=candidates[0],
                                  record={"recipe": tried})
-            artifact = artifact.replace(engine=engine)
+            artifact = artifact.replace(engine=engine, files=hash_files(graph.parent, list(artifact.files)))
             artifact, report = _judge_runtimes(artifact, engine, candidates, tried, choice, run, options, precision,
                                                steps)
         record["tries"].append({"kept_fp32": keep, "passed": report.passed, "failures": list(report.failures)})

@@ -294,19 +294,30 @@ def test_bf16_is_refused_without_native_bf16(tiny_checkpoint, tmp_path, monkeypa
 
 
 def test_openvino_reports_the_precision_it_compiled():
-    """computed_precision is what OpenVINO compiled, judged against OpenVINO's own capability list."""
+    """computed_precision is what OpenVINO compiled, judged against two things it does not read: the runtime
+    model's own matrix-product precision and the numbers. (Not against the CPU's capability list: on an
+    AVX-512 CPU without AVX512_BF16 — an Ice Lake, measured — OpenVINO emulates bf16, capability list or not;
+    on AVX2 it computes fp32.)"""
     import openvino
     from openvino import opset13 as ops
 
     from ettin_runtime.backends.openvino import computed_precision
 
     core = openvino.Core()
-    x = ops.parameter([2, 8], np.float32)
-    model = openvino.Model([ops.matmul(x, ops.constant(np.ones((8, 4), np.float32)), False, False)], [x])
-    has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    bf16 = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
-    assert computed_precision(bf16, "bf16") == ("bf16" if has_bf16 else "fp32")
-    assert computed_precision(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), "f32") == "fp32"
+    rng = np.random.default_rng()
+    weight, x_value = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((4, 64)).astype(np.float32)
+    x = ops.parameter([4, 64], np.float32)
+    model = openvino.Model([ops.matmul(x, ops.constant(weight), False, False)], [x])
+    exact = x_value.astype(np.float64) @ weight.astype(np.float64)
+    for hint in ("bf16", "f32"):
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        products = [str(op.get_rt_info()["runtimePrecision"].astype(str)) for op in compiled.get_runtime_model().get_ordered_ops()
+                    if op.get_rt_info()["layerType"].astype(str) in ("FullyConnected", "MatMul")]
+        error = float(np.abs(compiled({0: x_value})[0] - exact).max() / np.abs(exact).max())
+        computed = computed_precision(compiled, hint)
+        assert computed == ("bf16" if products == ["bf16"] else "fp32"), products
+        assert (error > 1e-4) == (computed == "bf16"), error  # bf16 rounds at ~4e-3, fp32 at ~1e-7
+    assert computed_precision(compiled, "f32") == "fp32"
 
 
 def test_a_gate_that_did_not_compute_its_precision_fails(tiny_checkpoint, tmp_path, relaxed_gates, monkeypatch):

@@ -116,8 +116,9 @@ def require_native(precision) -> None:
     if not precision.runs_natively(machine["features"]):
         raise BuildError(
             f"--precision {precision.name} needs a CPU with {' or '.join(f.upper() for f in precision.native_features)}; "
-            f"this one has neither ({describe(machine)}), so {' / '.join(precision.runtimes)} would compute in fp32 and "
-            f"the parity gate would judge fp32, not {precision.name}. Build it on such a CPU (AMD Zen 4 / Zen 5, Intel "
+            f"this one has neither ({describe(machine)}), so {' / '.join(precision.runtimes)} would compute in fp32 "
+            f"(AVX2: the gate would judge fp32, not {precision.name}) or emulate it (AVX-512: measured ~30x slower than "
+            f"fp32, an artifact not worth serving). Build it on such a CPU (AMD Zen 4 / Zen 5, Intel "
             f"Sapphire Rapids or newer; `grep -o 'avx512_bf16\\|amx_bf16' /proc/cpuinfo` shows it), or build "
             "--precision fp32 or int8 here."
         )

@@ -57,11 +57,15 @@ def linear_nodes(proto: onnx.ModelProto) -> list[str]:
             and n.input[1] in weights]
 
 
-def per_token_activations(proto: onnx.ModelProto) -> int:
+def per_token_activations(proto: onnx.ModelProto, *, fused: bool = True) -> int:
     """Rewrite in place each DynamicQuantizeLinear (one scale and zero point for the whole packed batch)
     as symmetric per-token quantization: row scale max|x| / 127, uint8 = round(x / scale) + 128 with the
     scalar zero point 128 (ONNX Runtime's MatMulInteger takes a per-tensor activation zero point only).
-    The downstream Mul(activation scale, weight scales) broadcasts the [tokens, 1] scale. Returns the
+    The downstream Mul(activation scale, weight scales) broadcasts the [tokens, 1] scale. `fused` (the
+    default, for the packed graph's 2-D activations): the rounding is one QuantizeLinear per axis 0 (a
+    scale and zero point per token row) instead of Div, Add, Round, Clip and Cast, each a pass over the
+    activations; both round half to even and saturate to [0, 255] (QuantizeLinear may compute x / scale as
+    x times 1 / scale: scores then differ in the last bits, 7e-05 at most on the trained 17m). Returns the
     number of nodes rewritten."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -70,9 +74,11 @@ def per_token_activations(proto: onnx.ModelProto) -> int:
     if opset < 18:
         raise ValueError(f"per-token activation scales need opset >= 18 (ReduceMax axes as an input); got {opset}.")
     graph = proto.graph
+    rank_of = {v.name: len(v.type.tensor_type.shape.dim) for v in list(graph.value_info) + list(graph.input)
+               if v.type.tensor_type.HasField("shape")}
     constants = {"pt_127": np.float32(127.0), "pt_eps": np.float32(1e-12), "pt_128": np.float32(128.0),
                  "pt_lo": np.float32(1.0), "pt_hi": np.float32(255.0), "pt_zero_point": np.uint8(128),
-                 "pt_last_axis": np.array([-1], np.int64)}
+                 "pt_last_axis": np.array([-1], np.int64), "pt_flat": np.array([-1], np.int64)}
     graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items())
     nodes, zero_points, scales = [], set(), set()
     for node in graph.node:
@@ -89,6 +95,19 @@ def per_token_activations(proto: onnx.ModelProto) -> int:
                              keepdims=1),
             helper.make_node("Max", [p + "_amax", "pt_eps"], [p + "_amax_safe"], name=p + "_Max"),
             helper.make_node("Div", [p + "_amax_safe", "pt_127"], [scale], name=p + "_Scale"),
+        ]
+        if fused and rank_of.get(x) == 2:
+            # one pass: QuantizeLinear per axis 0 (a scale and zero point per token row, rounding half to
+            # even and saturating, as Round + Clip + Cast below), instead of four elementwise passes
+            nodes += [
+                helper.make_node("Reshape", [scale, "pt_flat"], [p + "_scale_1d"], name=p + "_Flat"),
+                helper.make_node("Shape", [p + "_scale_1d"], [p + "_rows"], name=p + "_Rows"),
+                helper.make_node("Expand", ["pt_zero_point", p + "_rows"], [p + "_zero_1d"], name=p + "_Zero"),
+                helper.make_node("QuantizeLinear", [x, p + "_scale_1d", p + "_zero_1d"], [quantized],
+                                 name=p + "_Quantize", axis=0),
+            ]
+            continue
+        nodes += [
             helper.make_node("Div", [x, scale], [p + "_scaled"], name=p + "_Div"),
             helper.make_node("Add", [p + "_scaled", "pt_128"], [p + "_shifted"], name=p + "_Add"),
             helper.make_node("Round", [p + "_shifted"], [p + "_rounded"], name=p + "_Round"),
@@ -101,6 +120,10 @@ def per_token_activations(proto: onnx.ModelProto) -> int:
                 node.input[i] = "pt_zero_point"
     del graph.node[:]
     graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    unused = [t for t in graph.initializer if t.name in constants and t.name not in used]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
     kept = [v for v in graph.value_info if v.name not in scales and v.name not in zero_points]
     del graph.value_info[:]
     graph.value_info.extend(kept)

@@ -95,8 +95,11 @@ class OpenVinoReranker(PackedBatchReranker):
         core = openvino.Core()
         precision = INFERENCE_PRECISION[artifact.precision]
         if precision == "bf16" and not cpu_supports_bf16(core):
-            warnings.warn("this CPU has no bf16 instructions (AVX512_BF16 / AMX): OpenVINO computes this bf16 artifact "
-                          "in fp32, slower than the artifact was built for.", RuntimeWarning, stacklevel=2)
+            # Measured: OpenVINO 2026.4 computes a bf16 hint in fp32 on AVX2 CPUs (Zen 3) but emulates bf16 with
+            # AVX-512 where AVX512_BF16 is missing (Ice Lake): bf16 numerics, ~30x slower than fp32 on the 17m.
+            warnings.warn("this CPU has no bf16 instructions (AVX512_BF16 / AMX): OpenVINO runs this bf16 artifact "
+                          "in fp32 (AVX2) or emulates bf16 (AVX-512), far slower than the artifact was built for; "
+                          "build --precision fp32 or int8 for this machine.", RuntimeWarning, stacklevel=2)
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if options.threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(options.threads)

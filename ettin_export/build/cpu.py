@@ -13,8 +13,6 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from ettin_runtime.artifact import DEFAULT_MAX_BATCH_PAIRS, DEFAULT_MAX_BATCH_TOKENS, Artifact, Engine, Limits
 from ettin_runtime.packing import PairEncoder
 
@@ -239,15 +237,11 @@ def _int8_fallback(artifact, fp32_graph, graph, candidates, recipe, choice, run,
     limit = fallback.default_max_kept(len(body)) if limit is None else min(limit, len(body))
     steps.note(f"int8 failed its gate ({'; '.join(report.failures)}); measuring which of the {len(body)} linear "
                f"layers it is sensitive to, to keep up to {limit} in fp32")
-    spans = fallback.probe_spans(run.spans)
-    probe_pairs = [pair for span in spans for pair in run.pairs[span]]
-    anchor = np.concatenate([np.asarray(run.references.anchor)[span] for span in spans])
-    local = [slice(start, start + span.stop - span.start) for span, start in
-             zip(spans, np.cumsum([0] + [span.stop - span.start for span in spans])[:-1].tolist())]
+    probe_pairs, anchor, spans = fallback.probe_set(run.pairs, run.references.anchor, run.spans)
     bounds = options.target.bounds_for(precision.name)
     with steps.step(f"int8 sensitivity of {len(body)} linear layers on {len(probe_pairs)} of the pairs"):
-        sensitivity = fallback.layer_sensitivity(fp32_graph, graph.parent, fallback.graph_scorer(run.encoder, probe_pairs),
-                                                 anchor, local, bounds)
+        sensitivity = fallback.layer_sensitivity(fp32_graph, body, graph.parent,
+                                                 fallback.graph_scorer(run.encoder, probe_pairs), anchor, spans, bounds)
     order = fallback.fallback_order(sensitivity)[:limit]
     record = {"sensitivity": sensitivity, "max_kept": limit, "tries": [
         {"kept_fp32": [], "passed": False, "failures": list(report.failures)}]}

@@ -55,16 +55,14 @@ def graph_scorer(encoder, pairs: Sequence[tuple[str, str]], batch_pairs: int = 3
     return scores
 
 
-def layer_sensitivity(fp32_graph: Path, workdir: Path, score: Callable[[Path], np.ndarray], anchor: np.ndarray,
-                      spans: Sequence[slice], bounds: ScoreBounds, progress: Callable[[int, int], None] | None = None
-                      ) -> list[dict]:
-    """Per backbone linear layer (graph order): the gate's metrics with only that layer in int8, and its damage."""
-    import onnx
-
-    from ettin_export.graph.quantize import linear_nodes, quantize_int8
+def layer_sensitivity(fp32_graph: Path, body: Sequence[str], workdir: Path, score: Callable[[Path], np.ndarray],
+                      anchor: np.ndarray, spans: Sequence[slice], bounds: ScoreBounds,
+                      progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Per backbone linear layer of `body` (graph order): the gate's metrics with only that layer in int8,
+    and its damage."""
+    from ettin_export.graph.quantize import quantize_int8
     from ettin_export.parity.rule import score_scale
 
-    body = linear_nodes(onnx.load(str(fp32_graph), load_external_data=False))[:-2]
     probe = workdir / "sensitivity.onnx"
     rows = []
     for index, name in enumerate(body):
@@ -93,6 +91,16 @@ def probe_spans(spans: Sequence[slice], budget: int = PROBE_PAIRS) -> list[slice
     mean = np.mean([span.stop - span.start for span in spans])
     count = min(len(spans), max(4, int(budget // mean)))
     return [spans[i] for i in np.linspace(0, len(spans) - 1, count).round().astype(int).tolist()]
+
+
+def probe_set(pairs: Sequence[tuple[str, str]], anchor: np.ndarray, spans: Sequence[slice], budget: int = PROBE_PAIRS):
+    """(pairs, anchor, spans) of the queries `probe_spans` picks, the spans renumbered into the subset."""
+    chosen = probe_spans(spans, budget)
+    lengths = [span.stop - span.start for span in chosen]
+    starts = np.cumsum([0] + lengths[:-1]).tolist()
+    return ([pair for span in chosen for pair in pairs[span]],
+            np.concatenate([np.asarray(anchor)[span] for span in chosen]),
+            [slice(start, start + length) for start, length in zip(starts, lengths)])
 
 
 def default_max_kept(num_linear_layers: int) -> int:

@@ -71,7 +71,9 @@ def construct(model, idf: np.ndarray, content: np.ndarray, *, S: float = 12.0, R
     position difference would wrap and query tokens would read as document tokens)."""
     import torch
 
-    backbone = model[0].model if hasattr(model[0], "model") else model[0].auto_model
+    from ettin_export.trained.student import backbone_of
+
+    backbone = backbone_of(model)
     config = backbone.config
     hidden, vocab = config.hidden_size, config.vocab_size
     if config.hidden_size // config.num_attention_heads != HEAD_DIM or config.num_hidden_layers < 2:

@@ -118,6 +118,11 @@ def write_student(out_dir: str | Path, size: str, *, num_layers: int | None, see
     return out
 
 
+def backbone_of(model):
+    """The ModernBERT module inside a sentence-transformers CrossEncoder (its Transformer module's model)."""
+    return model[0].model if hasattr(model[0], "model") else model[0].auto_model
+
+
 def save_trained(model, out_dir: str | Path, info: dict) -> Path:
     """Write a trained CrossEncoder (the student) back in the same layout write_student made."""
     from safetensors.torch import save_file
@@ -125,7 +130,7 @@ def save_trained(model, out_dir: str | Path, info: dict) -> Path:
     from ettin_export.synthetic.checkpoints import _write_json
 
     out = Path(out_dir)
-    backbone = model[0].model if hasattr(model[0], "model") else model[0].auto_model
+    backbone = backbone_of(model)
     state = {k: v.detach().float().contiguous() for k, v in backbone.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     save_file({"linear.weight": model[2].linear.weight.detach().contiguous()},

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
             systems.append(System(f"ettin_{precision}", label, reranker.predict))
     from ettin_export.bench.ort_padded import OnnxRuntimeInt8PaddedContender
 
-    max_length = crossencoder.max_length
+    max_length = crossencoder.max_seq_length  # (max_length: deprecated in sentence-transformers 6)
     peer_int8 = OnnxRuntimeInt8PaddedContender(str(args.checkpoint), max_length, 16)
     systems.append(System("peer_ort_int8", "ONNX Runtime dynamic int8, padded export", peer_int8.predict))
     if native_bf16:

@@ -1,6 +1,6 @@
 """Where an ONNX artifact's CPU time goes: ONNX Runtime's own profiler, summed by operator.
 
-    python scripts/profile_cpu.py ARTIFACT [--lengths nq-like] [--pairs 256] [--runs 3]
+    python scripts/profile_cpu.py ARTIFACT [--lengths nq-like] [--pairs 256] [--runs 3] [--allow-unverified]
 
 Runs the artifact's ONNX Runtime reranker on generated pairs of a length profile (as `ettin-export
 bench` does) with profiling on, and prints each operator type's share of the kernel time. The first
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", default="nq-like")
     parser.add_argument("--pairs", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--allow-unverified", action="store_true", help="profile a rejected build (OUT.rejected)")
     args = parser.parse_args(argv)
 
     import onnxruntime as ort
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     from ettin_runtime.errors import EttinError
 
     try:  # ONNX Runtime's profiler, whichever runtime the build chose for the artifact
-        reranker = Reranker.load(args.artifact, runtime="onnxruntime")
+        reranker = Reranker.load(args.artifact, runtime="onnxruntime", allow_unverified=args.allow_unverified)
     except EttinError as error:
         print(f"{args.artifact}: ONNX Runtime cannot run it: {error}", file=sys.stderr)
         return 2

@@ -240,3 +240,40 @@ def test_padded_peers_score_as_crossencoder(tiny_checkpoint):
     int8 = OnnxRuntimeInt8PaddedContender(str(tiny_checkpoint), 200, 4).predict(pairs)
     assert int8.shape == reference.shape and np.all(np.isfinite(int8))
     assert np.max(np.abs(int8 - reference)) < 0.25 * (np.ptp(reference) + 1e-6) + 0.05
+
+
+def test_int8_activation_forms_script_times_three_quantizer_forms(tiny_artifact, tmp_path):
+    """scripts/int8_activation_forms.py: the three graphs differ only in their activation quantizers (per
+    token: no DynamicQuantizeLinear; static: each one replaced by a QuantizeLinear with constant scale and zero
+    point), every form runs, and each gets its pairs/s."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import onnx
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "int8_activation_forms.py"
+    result = subprocess.run([sys.executable, str(script), str(tiny_artifact[0]), "--pairs", "16", "--rounds", "1",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    speeds = dict(re.findall(r"^(per token|per batch|static)\s+([\d.]+) pairs/s", result.stdout, flags=re.M))
+    assert set(speeds) == {"per token", "per batch", "static"} and all(float(v) > 0 for v in speeds.values())
+
+    def ops(name):
+        proto = onnx.load(str(tmp_path / f"{name}.onnx"), load_external_data=False)
+        counts = {}
+        for node in proto.graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        constants = {t.name for t in proto.graph.initializer}
+        fixed = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and set(n.input[1:3]) <= constants]
+        return counts, len(fixed)
+
+    batch, _ = ops("per_batch")
+    token, _ = ops("per_token")
+    static, static_fixed = ops("static")
+    assert batch["DynamicQuantizeLinear"] > 0 and "DynamicQuantizeLinear" not in token
+    assert "DynamicQuantizeLinear" not in static
+    assert static.get("QuantizeLinear", 0) == batch["DynamicQuantizeLinear"] + batch.get("QuantizeLinear", 0)
+    assert static["MatMulInteger"] == batch["MatMulInteger"] == token["MatMulInteger"]
+    assert static_fixed == batch["DynamicQuantizeLinear"]  # each former one: constant scale and zero point

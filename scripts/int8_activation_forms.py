@@ -71,19 +71,28 @@ def main(argv=None) -> int:
     from ettin_export.synthetic.lengths import get_profile, make_pairs
     from ettin_runtime import Reranker
     from ettin_runtime.backends.onnxruntime import cpu_batch_tokens
+    from ettin_runtime.errors import EttinError
     from ettin_runtime.machine import describe, this_machine
 
     print(f"machine: {describe(this_machine())}", flush=True)
+    try:  # before any work: a folder that is no fp32 ONNX artifact stops here, with the runtime's reason
+        reranker = Reranker.load(args.artifact, runtime="onnxruntime", allow_unverified=True,
+                                 max_batch_tokens=cpu_batch_tokens(None, precision="int8"))
+    except EttinError as error:
+        print(f"{args.artifact}: not an fp32 CPU artifact ONNX Runtime can run: {error}", file=sys.stderr)
+        return 2
+    if reranker.artifact.precision != "fp32":
+        print(f"{args.artifact} holds the {reranker.artifact.precision} build; give the fp32 one "
+              "(its graph is the one each form quantizes).", file=sys.stderr)
+        return 2
     scratch = None if args.out else tempfile.TemporaryDirectory()
     out = args.out or Path(scratch.name)
     out.mkdir(parents=True, exist_ok=True)
-    source = args.artifact / "model.onnx"
+    source = reranker.artifact.path(reranker.artifact.engine.file)
     quantize_int8(source, out / "per_token.onnx")
     quantize_int8(source, out / "per_batch.onnx", per_token=False)
     static_form(out / "per_batch.onnx", out / "static.onnx")
 
-    reranker = Reranker.load(args.artifact, runtime="onnxruntime", allow_unverified=True,
-                             max_batch_tokens=cpu_batch_tokens(None, precision="int8"))
     options = reranker.session.get_session_options()
     pairs = make_pairs(get_profile("nq-like"), reranker.encoder._tokenizer, args.pairs, seed=11)
     forms = ("per_token", "per_batch", "static")

@@ -277,3 +277,6 @@ def test_int8_activation_forms_script_times_three_quantizer_forms(tiny_artifact,
     assert static.get("QuantizeLinear", 0) == batch["DynamicQuantizeLinear"] + batch.get("QuantizeLinear", 0)
     assert static["MatMulInteger"] == batch["MatMulInteger"] == token["MatMulInteger"]
     assert static_fixed == batch["DynamicQuantizeLinear"]  # each former one: constant scale and zero point
+    # a folder that holds no artifact is refused before any work, with the runtime's reason
+    refused = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "not an fp32 CPU artifact ONNX Runtime can run" in refused.stderr

@@ -22,15 +22,15 @@ REPO = Path(__file__).resolve().parents[1]
 # name: (pair lengths, window, dtype, heads, block_m, block_n). Small blocks make short inputs cross
 # many tile and key-block boundaries; the defaults (128 x 64) appear too.
 _rng = random.Random(20261126)
-_SHORT = [_rng.randint(1, 9) for _ in range(257)]
-_MIXED = [_rng.randint(1, 9) for _ in range(40)] + [700] + [_rng.randint(1, 9) for _ in range(20)]
+_SHORT = [_rng.randint(1, 9) for _ in range(129)]  # 129 sequences: more than 128, each its own tile row
+_MIXED = [_rng.randint(1, 9) for _ in range(40)] + [300] + [_rng.randint(1, 9) for _ in range(20)]
 _EDGES = [63, 64, 65, 127, 128, 129]
 CASES = {
     "one_pair_global_default_blocks": ([37], -1, "fp32", 2, 128, 64),
     "one_pair_window3": ([37], 3, "fp32", 2, 16, 16),
     "single_token_pairs": ([1] * 40, -1, "fp32", 2, 16, 16),
-    "257_short_pairs_global": (_SHORT, -1, "fp32", 2, 16, 16),
-    "257_short_pairs_window3": (_SHORT, 3, "fp32", 1, 16, 16),
+    "129_short_pairs_global": (_SHORT, -1, "fp32", 2, 16, 16),
+    "129_short_pairs_window3": (_SHORT, 3, "fp32", 1, 16, 16),
     "long_1500_global": ([1500], -1, "fp32", 2, 64, 64),
     "long_1500_window64": ([1500], 64, "fp32", 2, 64, 64),
     "edges_global_64x64": (_EDGES, -1, "fp32", 2, 64, 64),

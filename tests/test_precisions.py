@@ -532,3 +532,43 @@ def test_int8_fallback_measures_damage_against_the_bounds():
     probed = fallback.probe_spans(spans, budget=200)
     assert probed[0] == spans[0] and probed[-1] == spans[-1] and len(set(s.start for s in probed)) == len(probed) == 6
     assert len(fallback.probe_spans(spans[:5], budget=10)) == 4  # at least 4 queries
+
+
+def test_a_sensitivity_probe_made_in_memory_scores_as_quantizing_that_layer_alone(tiny_artifact, tmp_path):
+    """layer_sensitivity quantizes the graph once and cuts each probe (only one layer in int8) out of it in
+    memory; the probe must score as ONNX Runtime's quantizer run with every other linear layer excluded, on
+    awkward pairs, for the first, a random and the last backbone layer."""
+    import random
+
+    from ettin_export.build.int8_fallback import graph_scorer, single_layer_int8
+    from ettin_export.graph.quantize import linear_nodes, quantize_int8
+    from ettin_runtime.packing import PairEncoder
+
+    from .contract import contract_pairs
+
+    source = tiny_artifact / "model.onnx"
+    fp32 = onnx.load(str(source))
+    body = linear_nodes(fp32)[:-2]
+    quantize_int8(source, tmp_path / "whole.onnx")
+    whole = onnx.load(str(tmp_path / "whole.onnx"))
+    seed = random.SystemRandom().randrange(2**31)
+    score = graph_scorer(PairEncoder.from_dir(tiny_artifact, MAX_LENGTH), contract_pairs(seed=seed % 1000))
+    reference = score(source)
+    for layer in dict.fromkeys([body[0], random.Random(seed).choice(body[1:-1]), body[-1]]):
+        probe = single_layer_int8(fp32, whole, layer)
+        assert probe is not None, layer
+        assert sum(n.op_type == "MatMulInteger" for n in probe.graph.node) == 1
+        assert layer not in {n.name for n in probe.graph.node} and len(probe.graph.node) > len(fp32.graph.node)
+        onnx.save(probe, str(tmp_path / "fast.onnx"))
+        quantize_int8(source, tmp_path / "alone.onnx", keep_fp32=[other for other in body if other != layer])
+        fast, alone = score(tmp_path / "fast.onnx"), score(tmp_path / "alone.onnx")
+        # the same quantized layer; the other layers differ only as Gemm vs the quantizer's MatMul (fp32 rounding)
+        np.testing.assert_allclose(fast, alone, atol=2e-5, err_msg=f"{layer} (seed {seed})")
+        if layer == body[0]:  # the first attention projection in 8 bits moves the scores, well past rounding
+            assert np.abs(fast - reference).max() > 1e-4, (layer, seed)
+    # a layer the whole graph does not hold in the form the probe needs: no probe, the caller quantizes alone
+    other = onnx.ModelProto()
+    other.CopyFrom(whole)
+    for node in other.graph.node:
+        node.output[:] = [name + "_renamed" for name in node.output]
+    assert single_layer_int8(fp32, other, body[0]) is None

@@ -55,18 +55,84 @@ def graph_scorer(encoder, pairs: Sequence[tuple[str, str]], batch_pairs: int = 3
     return scores
 
 
+def single_layer_int8(fp32, int8, layer: str):
+    """`fp32` (an ONNX ModelProto) with only `layer` in int8: that layer's node replaced by the nodes that
+    compute its output in `int8`, the same graph quantized whole by the same recipe (the layer's activation
+    quantizer, MatMulInteger, the scales), with their initializers. The same graph as quantizing `fp32`
+    with every other linear layer kept in fp32, made in memory instead of by one quantizer run per layer.
+    None where the quantized layer is no subgraph fed by the layer's own inputs (then quantize it alone)."""
+    import onnx
+
+    graph = fp32.graph
+    index, node = next((i, n) for i, n in enumerate(graph.node) if n.name == layer)
+    weights = {t.name: t for t in graph.initializer}
+    activations = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+    int8_nodes = list(int8.graph.node)
+    producer = {o: i for i, n in enumerate(int8_nodes) for o in n.output}
+    int8_weights = {t.name: t for t in int8.graph.initializer}
+    chosen, stack, needed = set(), [producer.get(o) for o in node.output], {}
+    while stack:
+        current = stack.pop()
+        if current is None:
+            return None
+        if current in chosen:
+            continue
+        chosen.add(current)
+        for name in int8_nodes[current].input:
+            if not name:
+                continue
+            if name in activations:  # a tensor of the fp32 graph: only the layer's own input may feed it
+                if name not in node.input:
+                    return None
+            elif name in weights and name not in needed:
+                if name not in int8_weights or int8_weights[name].SerializeToString() != weights[name].SerializeToString():
+                    return None
+            elif name in int8_weights:
+                needed[name] = int8_weights[name]
+            else:
+                stack.append(producer.get(name))
+    made = [int8_nodes[i] for i in sorted(chosen)]  # in the int8 graph's (topological) order
+    if {o for n in made for o in n.output} & activations != set(node.output):
+        return None
+    probe = onnx.ModelProto()
+    probe.CopyFrom(fp32)
+    nodes = list(probe.graph.node)
+    nodes[index:index + 1] = made
+    del probe.graph.node[:]
+    probe.graph.node.extend(nodes)
+    used = {name for n in nodes for name in n.input}
+    kept = [t for t in probe.graph.initializer if t.name in used]
+    del probe.graph.initializer[:]
+    probe.graph.initializer.extend(kept + list(needed.values()))
+    domains = {o.domain for o in probe.opset_import}
+    probe.opset_import.extend(o for o in int8.opset_import if o.domain not in domains)
+    return probe
+
+
 def layer_sensitivity(fp32_graph: Path, body: Sequence[str], workdir: Path, score: Callable[[Path], np.ndarray],
                       anchor: np.ndarray, spans: Sequence[slice], bounds: ScoreBounds,
                       progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Per backbone linear layer of `body` (graph order): the gate's metrics with only that layer in int8,
-    and its damage."""
+    and its damage. The graph is quantized once, whole, and each probe made from it in memory
+    (`single_layer_int8`); a graph with external weights (over 2 GiB) is quantized once per layer instead."""
+    import onnx
+
     from ettin_export.graph.quantize import quantize_int8
     from ettin_export.parity.rule import score_scale
 
     probe = workdir / "sensitivity.onnx"
+    whole = workdir / "sensitivity-int8.onnx"
+    external = Path(str(fp32_graph) + ".data").is_file()
+    if not external:
+        quantize_int8(fp32_graph, whole)
+        fp32, int8 = onnx.load(str(fp32_graph)), onnx.load(str(whole))
     rows = []
     for index, name in enumerate(body):
-        quantize_int8(fp32_graph, probe, keep_fp32=[other for other in body if other != name])
+        made = None if external else single_layer_int8(fp32, int8, name)
+        if made is None:
+            quantize_int8(fp32_graph, probe, keep_fp32=[other for other in body if other != name])
+        else:
+            onnx.save(made, str(probe))
         candidate = score(probe)
         metrics = ParityMetrics.compute(anchor, candidate, spans)
         scale = score_scale(candidate, anchor)
@@ -75,7 +141,7 @@ def layer_sensitivity(fp32_graph: Path, body: Sequence[str], workdir: Path, scor
                      "top10_overlap": metrics.top10_overlap, "score_scale": round(scale, 5)})
         if progress is not None:
             progress(index + 1, len(body))
-    for leftover in workdir.glob("sensitivity.onnx*"):
+    for leftover in [*workdir.glob("sensitivity.onnx*"), *workdir.glob("sensitivity-int8.onnx*")]:
         leftover.unlink()
     return rows
 

@@ -61,7 +61,7 @@ class Recipe:
 # Full depth at Ettin's 17m / 32m configs, from the lexical initialisation: 17m measured 27.5 minutes on 2 shared cores.
 FULL_RECIPES = {size: Recipe(size=size, train_queries=2000, steps=250, lr=1e-4) for size in ("17m", "32m")}
 # The test fixture: 32m's config at 2 layers (one global, one local), stdlib text only, well under a minute.
-TINY_RECIPE = Recipe(size="32m", num_layers=2, train_packages=(), train_queries=150, negatives=7, steps=20,
+TINY_RECIPE = Recipe(size="32m", num_layers=2, train_packages=(), train_queries=96, negatives=7, steps=12,
                      lr=1e-4, train_max_length=128)
 
 HELDOUT_QUERIES = 300

@@ -9,11 +9,13 @@ import json
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
 class Steps:
+    LOG_EVERY_S = 60.0
+
     def __init__(self, title: str, quiet: bool = False):
         from rich.console import Console
 
@@ -23,12 +25,24 @@ class Steps:
         self.console.print(f"[bold]{title}[/bold]")
 
     @contextlib.contextmanager
-    def step(self, description: str) -> Iterator[None]:
+    def step(self, description: str) -> Iterator[Callable[[str], None]]:
+        """A step; it yields `update(text)`, how far a long step has got: beside its spinner on a terminal,
+        in a log (no terminal) a line at most every LOG_EVERY_S seconds."""
         start = time.perf_counter()
-        status = self.console.status(description) if self.console.is_terminal else contextlib.nullcontext()
+        terminal = self.console.is_terminal
+        status = self.console.status(description) if terminal else contextlib.nullcontext()
+        logged = [start]
+
+        def update(text: str) -> None:
+            if terminal:
+                status.update(f"{description}: {text}")
+            elif time.perf_counter() - logged[0] >= self.LOG_EVERY_S:
+                logged[0] = time.perf_counter()
+                self.console.print(f"    … {text}")
+
         try:
             with status:
-                yield
+                yield update
         except BaseException:
             self.console.print(f"  [red]✗[/red] {description} ({time.perf_counter() - start:.1f} s)")
             raise
@@ -36,6 +50,12 @@ class Steps:
 
     def note(self, text: str) -> None:
         self.console.print(f"    {text}")
+
+    @staticmethod
+    def eta(done: int, total: int, spent_s: float) -> str:
+        """'3/28, about 4 min left' from the time the first `done` of `total` items took."""
+        left = spent_s / max(done, 1) * (total - done)
+        return f"{done}/{total}, about {left / 60:.0f} min left" if left >= 90 else f"{done}/{total}, about {left:.0f} s left"
 
     def done(self, text: str) -> None:
         self.console.print(f"[bold]{text}[/bold] ({time.perf_counter() - self.started:.1f} s in all)")

@@ -572,3 +572,22 @@ def test_a_sensitivity_probe_made_in_memory_scores_as_quantizing_that_layer_alon
     for node in other.graph.node:
         node.output[:] = [name + "_renamed" for name in node.output]
     assert single_layer_int8(fp32, other, body[0]) is None
+
+
+def test_a_long_step_says_how_far_it_has_got(capsys, monkeypatch):
+    """Steps.step yields update(text): in a log (no terminal) a line at most every LOG_EVERY_S seconds,
+    and Steps.eta turns items done into the time left (the int8 sensitivity step's progress)."""
+    from ettin_export import progress
+
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    steps = progress.Steps("build")
+    with steps.step("int8 sensitivity of 28 linear layers") as update:
+        for done in range(1, 29):
+            clock[0] += 25.0  # 25 s a layer: a log line every 60 s, at 75, 150, ... s
+            update(f"layers {steps.eta(done, 28, 25.0 * done)}")
+    lines = [line.strip() for line in capsys.readouterr().err.splitlines() if "…" in line]
+    assert lines[0] == "… layers 3/28, about 10 min left" and lines[-1].startswith("… layers 27/28")
+    assert len(lines) == 9  # every 3rd layer: 75 s apart, at least 60
+    assert progress.Steps.eta(27, 28, 675.0) == "27/28, about 25 s left"
+    assert progress.Steps.eta(0, 28, 0.0) == "0/28, about 0 s left"

@@ -166,13 +166,23 @@ def int8_artifact(tmp_path_factory, trained_fixture, gate_pairs, gate_run):
     Spearman 0.934, top-1 90 %): the build measures each layer's damage and keeps the worst in fp32.
     The build's references are the module's (the same function on the same pairs, run once)."""
     from ettin_export.build import cpu
+    from ettin_export.build import int8_fallback as fallback
 
     out = tmp_path_factory.mktemp("int8") / "artifact"
+    measure, told = fallback.layer_sensitivity, []
+
+    def layer_sensitivity(*args, progress, **kwargs):  # the build's progress callback, recorded as it is told
+        def record(done, total):
+            told.append((done, total))
+            progress(done, total)
+        return measure(*args, progress=record, **kwargs)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu, "reference_model", lambda checkpoint, options, steps: gate_run)
+        patch.setattr(fallback, "layer_sensitivity", layer_sensitivity)
         status = _build(trained_fixture, out, "int8", gate_pairs, int8_max_fp32_layers=3)
     folder = out if status == 0 else out.with_name(out.name + ".rejected")
-    return status, folder
+    return status, folder, told
 
 
 def _recipe(folder):
@@ -184,7 +194,7 @@ def test_int8_passes_the_real_gates_on_the_trained_fixture(int8_artifact, gate_r
     from ettin_export.build.int8_fallback import graph_scorer
     from ettin_runtime import Reranker
 
-    status, folder = int8_artifact
+    status, folder, told = int8_artifact
     report = _parity(folder)
     assert status == 0, report.get("failures")
     bounds = targets.CPU_PRECISIONS["int8"].bounds
@@ -203,6 +213,7 @@ def test_int8_passes_the_real_gates_on_the_trained_fixture(int8_artifact, gate_r
     worst = sorted(sensitivity, key=lambda row: -row["damage"])[: len(kept)]
     assert kept == [row["layer"] for row in worst] and 1 <= len(kept) <= 3
     assert all(row["damage"] > 0 for row in worst)
+    assert told == [(i, len(sensitivity)) for i in range(1, len(sensitivity) + 1)]  # the step's progress line
     assert recipe["quantized_linear_layers"] == len(sensitivity) - len(kept) > 0
     proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     assert sum(node.op_type == "MatMulInteger" for node in proto.graph.node) == recipe["quantized_linear_layers"]
@@ -241,7 +252,7 @@ def _damage(source, destination, kind):
 
 @pytest.mark.parametrize("kind, failure", [("none", None), ("head", "score scale 1.2"), ("layer_scales", "")])
 def test_a_damaged_quantization_fails_the_real_gates(tmp_path, int8_artifact, gate_run, kind, failure):
-    status, folder = int8_artifact
+    status, folder, _ = int8_artifact
     assert status == 0
     graph = tmp_path / "model.onnx"
     if kind == "none":  # the control: the artifact's own graph, judged this way, passes

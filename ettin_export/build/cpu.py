@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import importlib.util
 import shutil
+import time
 from pathlib import Path
 
 from ettin_runtime.artifact import DEFAULT_MAX_BATCH_PAIRS, DEFAULT_MAX_BATCH_TOKENS, Artifact, Engine, Limits
@@ -239,9 +240,11 @@ def _int8_fallback(artifact, fp32_graph, graph, candidates, recipe, choice, run,
                f"layers it is sensitive to, to keep up to {limit} in fp32")
     probe_pairs, anchor, spans = fallback.probe_set(run.pairs, run.references.anchor, run.spans)
     bounds = options.target.bounds_for(precision.name)
-    with steps.step(f"int8 sensitivity of {len(body)} linear layers on {len(probe_pairs)} of the pairs"):
-        sensitivity = fallback.layer_sensitivity(fp32_graph, body, graph.parent,
-                                                 fallback.graph_scorer(run.encoder, probe_pairs), anchor, spans, bounds)
+    with steps.step(f"int8 sensitivity of {len(body)} linear layers on {len(probe_pairs)} of the pairs") as update:
+        began = time.perf_counter()
+        sensitivity = fallback.layer_sensitivity(
+            fp32_graph, body, graph.parent, fallback.graph_scorer(run.encoder, probe_pairs), anchor, spans, bounds,
+            progress=lambda done, total: update(f"layers {steps.eta(done, total, time.perf_counter() - began)}"))
     order = fallback.fallback_order(sensitivity)[:limit]
     record = {"sensitivity": sensitivity, "max_kept": limit, "tries": [
         {"kept_fp32": [], "passed": False, "failures": list(report.failures)}]}

@@ -136,6 +136,16 @@ def test_reduced_builds_record_precision_recipe_runtime_and_keep_the_graph_contr
     assert parity["judged_on"] == artifact.judged_on()
     assert artifact.judged_on()["class"] == cpu_class() and artifact.judged_on()["precision_computed"] == precision
     assert artifact.judged_on()["runtime"] == runtime
+    # timed beside the fp32 graph it came from, on this machine (is it any faster here?), the copy gone
+    against = record["runtime_choice"]["against_fp32"]
+    own = f"{precision} ({runtime})"
+    assert against["timed"] and against["pairs_per_s"][own] > 0 and "fp32 (onnxruntime)" in against["pairs_per_s"]
+    best = max(v for k, v in against["pairs_per_s"].items() if k != own)
+    assert against["pairs_per_s"][against["best_fp32"]] == best
+    assert against["ratio_to_best_fp32"] == pytest.approx(against["pairs_per_s"][own] / best, abs=1e-3)
+    assert against["machine"]["class"] == cpu_class() and against["timed_pairs"] > 0
+    assert not (_built(reduced, precision) / "fp32-timing.onnx").exists()
+    assert set(artifact.files) == {f.name for f in _built(reduced, precision).iterdir()} - {"manifest.json", "parity.json"}
     proto = onnx.load(str(artifact.path(artifact.engine.file)), load_external_data=False)
     layers = artifact.model.num_layers
     check_graph_contract(proto, layers)  # the custom op, its function body and the I/O survive

@@ -33,6 +33,8 @@ from ettin_export.staging import StagedFolder
 
 RUNTIME_TIMING_PAIRS = 128  # traffic-shaped pairs each candidate runtime is timed on
 RUNTIME_TIMING_RUNS = 5  # interleaved rounds; the median decides
+AGAINST_FP32_PAIRS, AGAINST_FP32_RUNS = 64, 3  # a reduced precision timed beside fp32: a smaller check
+FP32_TIMING_FILE = "fp32-timing.onnx"  # the fp32 graph, beside a reduced artifact's own only while it is timed
 
 
 def _importable(runtime: str) -> bool:
@@ -74,26 +76,67 @@ def traffic_pairs(artifact: Artifact, traffic: str, fallback) -> tuple[list[tupl
 
 def time_runtimes(artifact: Artifact, candidates: list[str], pairs, steps: Steps) -> dict[str, float]:
     """pairs/s of each candidate runtime on the same pairs, in interleaved rounds, median."""
+    return time_systems({name: (artifact, name) for name in candidates}, pairs, steps,
+                        f"timing {' and '.join(candidates)}")
+
+
+def time_systems(systems: dict[str, tuple[Artifact, str]], pairs, steps: Steps, title: str,
+                 rounds: int = RUNTIME_TIMING_RUNS) -> dict[str, float]:
+    """pairs/s of each (artifact, runtime) on the same pairs, in interleaved rounds after a warm-up, median."""
     import statistics
-    import time
 
     sample = list(pairs)
-    tokens = sum(len(ids) for ids in PairEncoder.from_dir(artifact.root, artifact.max_length).encode(sample))
-    runtimes = {name: artifact.load(runtime=name, device="cpu") for name in candidates}
-    seconds: dict[str, list[float]] = {name: [] for name in candidates}
-    with steps.step(f"timing {' and '.join(candidates)} on {len(sample)} pairs ({tokens} tokens)"):
+    first = next(iter(systems.values()))[0]
+    tokens = sum(len(ids) for ids in PairEncoder.from_dir(first.root, first.max_length).encode(sample))
+    runtimes = {name: artifact.load(runtime=runtime, device="cpu") for name, (artifact, runtime) in systems.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in systems}
+    try:
+        with steps.step(f"{title} on {len(sample)} pairs ({tokens} tokens)"):
+            for runtime in runtimes.values():
+                runtime.predict(sample)  # warm-up
+            for _ in range(rounds):
+                for name, runtime in runtimes.items():
+                    start = time.perf_counter()
+                    runtime.predict(sample)
+                    seconds[name].append(time.perf_counter() - start)
+    finally:
         for runtime in runtimes.values():
-            runtime.predict(sample)  # warm-up
-        for _ in range(RUNTIME_TIMING_RUNS):
-            for name, runtime in runtimes.items():
-                start = time.perf_counter()
-                runtime.predict(sample)
-                seconds[name].append(time.perf_counter() - start)
-    for runtime in runtimes.values():
-        runtime.close()
+            runtime.close()
     speeds = {name: round(len(sample) / statistics.median(times), 2) for name, times in seconds.items()}
     steps.note(", ".join(f"{name} {speed:g} pairs/s" for name, speed in speeds.items()))
     return speeds
+
+
+def against_fp32(artifact: Artifact, fp32_graph: Path, options, parity_pairs, steps: Steps) -> dict:
+    """A reduced precision's artifact timed beside the fp32 graph it came from (under each runtime fp32 can
+    use here) on the same traffic pairs, on this machine: whether it is any faster here (int8 on a CPU
+    without VNNI may not be). Said in the build's output; the caller records it in the manifest."""
+    from ettin_export.targets import CPU_PRECISIONS
+
+    if Path(str(fp32_graph) + ".data").is_file():
+        return {"timed": False, "why": "the fp32 graph has external weights (over 2 GiB): not copied to time it"}
+    timing = artifact.root / FP32_TIMING_FILE
+    shutil.copyfile(fp32_graph, timing)
+    try:
+        fp32 = artifact.replace(engine=onnx_engine(timing, None), precision="fp32")
+        sample, traffic = traffic_pairs(artifact, options.traffic, parity_pairs)
+        sample = sample[:AGAINST_FP32_PAIRS]
+        own = f"{artifact.precision} ({artifact.engine.runtime})"
+        systems = {own: (artifact, artifact.engine.runtime)}
+        systems.update({f"fp32 ({name})": (fp32, name) for name in runtime_candidates(CPU_PRECISIONS["fp32"], None)})
+        speeds = time_systems(systems, sample, steps, f"timing {artifact.precision} against fp32", AGAINST_FP32_RUNS)
+    finally:
+        timing.unlink(missing_ok=True)
+    best = max((name for name in speeds if name != own), key=lambda name: speeds[name])
+    ratio = round(speeds[own] / speeds[best], 3)
+    steps.note(f"{own} runs {ratio:.2f}x the pairs/s of {best} on this machine")
+    if ratio < 1.0:
+        steps.note(f"{artifact.precision} is slower here than fp32, which is also exact: on this CPU --precision fp32 "
+                   f"builds the faster artifact (docs/precisions.md, 'Is int8 worth it on your CPU?')")
+    from ettin_runtime.machine import this_machine
+
+    return {"timed": True, "pairs_per_s": speeds, "ratio_to_best_fp32": ratio, "best_fp32": best,
+            "traffic": traffic, "timed_pairs": len(sample), "machine": this_machine()}
 
 
 def _with_runtime(artifact: Artifact, engine: Engine, runtime: str, recipe: dict, choice: dict) -> Artifact:
@@ -192,6 +235,11 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
         if precision.name == "int8" and not report.passed and options.int8_max_fp32_layers != 0:
             artifact, report = _int8_fallback(artifact, exported.path, graph, candidates, recipe, choice, run, options,
                                               precision, model.config.num_layers, steps, report)
+        if make_graph is not None and report.passed:
+            record = artifact.engine.record
+            choice = {k: v for k, v in record["runtime_choice"].items() if k != "chosen"}
+            choice["against_fp32"] = against_fp32(artifact, exported.path, options, run.pairs, steps)
+            artifact = _with_runtime(artifact, artifact.engine, artifact.engine.runtime, record["recipe"], choice)
     finally:
         if fp32_dir != staging.path:
             shutil.rmtree(fp32_dir, ignore_errors=True)

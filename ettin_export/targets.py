@@ -30,6 +30,11 @@ class ScoreBounds:
     # |slope - 1| of the least-squares fit candidate ~ anchor: ranks are blind to a uniform rescaling of
     # the scores (a wrong head scale keeps every order), so reduced precisions also bound the scale.
     max_scale_error: float | None = None
+    # bf16: top-1 and top-10 are judged up to ties the precision cannot resolve, i.e. anchor scores within
+    # one ulp at this many significant bits of the query's largest |score| (bf16: 8; 2^-5 = 0.031 for a top
+    # score in [4, 8)). Measured on the trained fixture: every top-1 "disagreement" of PyTorch's own bf16 was
+    # such a near-tie (anchor gaps 0.003-0.022 logits; docs/trained-reranker.md, "bf16 numerics"). None: strict.
+    tie_bits: int | None = None
 
     @property
     def needs_lowp_reference(self) -> bool:
@@ -48,13 +53,17 @@ class ScoreBounds:
 
 BF16_FLASH_REFERENCE = "packed PyTorch bf16 with flash attention"
 FP32_BOUNDS = ScoreBounds(2.0, 1e-5, "sentence-transformers CrossEncoder fp32")
-BF16_BOUNDS = ScoreBounds(1.5, 0.0, BF16_FLASH_REFERENCE)
+# bf16's rank bounds (both targets) are calibrated on bf16 rounding of a model that ranks: PyTorch's own bf16
+# of the trained fixture has Spearman 0.9985 against the anchor and top-1 / top-10 agreement 100 % / 1.000
+# up to ties within one bf16 ulp (83 % / 0.950 strictly), while added noise that costs NDCG@10 fails them.
+BF16_RANKS = {"min_spearman": 0.995, "tie_bits": 8}
+BF16_BOUNDS = ScoreBounds(1.5, 0.0, BF16_FLASH_REFERENCE, **BF16_RANKS)
 # Reduced CPU precisions rank like fp32 (issue 13): rank gates against the fp32 reference (the fp64
 # anchor), max |Δ| reported, and the score scale within 5 %.
 INT8_BOUNDS = ScoreBounds(None, 0.0, "sentence-transformers CrossEncoder fp32", min_spearman=0.995,
                           min_top1_agreement=0.98, min_top10_overlap=0.98, max_scale_error=0.05)
-BF16_CPU_BOUNDS = ScoreBounds(None, 0.0, "sentence-transformers CrossEncoder fp32", min_spearman=0.999,
-                              min_top1_agreement=0.99, min_top10_overlap=0.98, max_scale_error=0.05)
+BF16_CPU_BOUNDS = ScoreBounds(None, 0.0, "sentence-transformers CrossEncoder fp32", min_top1_agreement=0.99,
+                              min_top10_overlap=0.98, max_scale_error=0.05, **BF16_RANKS)
 # Kernel level (flash-attention's convention): the attention kernel's error against the fp32 reference
 # within 2 x PyTorch's own bf16 attention error on the same inputs (+ a hair for ties at zero error).
 KERNEL_BOUNDS = ScoreBounds(2.0, 1e-5, "PyTorch's own bf16 attention")

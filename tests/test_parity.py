@@ -236,3 +236,50 @@ def test_rank_matches_crossencoder_rank(tiny_checkpoint):
     assert reranker.rank(query, []) == []
     with pytest.raises(TypeError, match="documents must be a list of strings"):
         reranker.rank(query, "one string")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_ranks_forgive_swaps_within_one_bf16_ulp_and_no_others(seed):
+    """The bf16 rank bounds' tie rule (targets.ScoreBounds.tie_bits): a swap of two candidates whose anchor
+    scores differ by less than one bf16 ulp of the query's top score is not a disagreement, one by more is,
+    and the strict rule (fp32, int8) holds every swap against the candidate."""
+    from ettin_export.parity.rule import ParityMetrics, _ulp
+    from ettin_export.targets import CPU_PRECISIONS, get_target
+
+    assert _ulp(4.7, 8) == 2.0 ** -5 and _ulp(3.99, 8) == 2.0 ** -6 and _ulp(0.3, 8) == 2.0 ** -9
+    assert _ulp(4.7, None) == 0.0 and _ulp(0.0, 8) == 0.0
+    bits = CPU_PRECISIONS["bf16"].bounds.tie_bits
+    assert bits == 8 and get_target("h100").bounds.tie_bits == 8
+    assert CPU_PRECISIONS["int8"].bounds.tie_bits is None and CPU_PRECISIONS["fp32"].bounds.tie_bits is None
+    rng = np.random.default_rng(seed)
+    sizes = [1, 2, 11, 20, 63][: 3 + seed]
+    anchor = np.concatenate([rng.normal(0, 2, n) for n in sizes])
+    spans, start = [], 0
+    for n in sizes:
+        spans.append(slice(start, start + n))
+        start += n
+    big = max(sizes)
+    query = next(s for s in spans if s.stop - s.start == big)
+    block = anchor[query]
+    order = np.argsort(-block)
+    top, second, tenth, eleventh = (query.start + order[i] for i in (0, 1, 9, 10))
+    ulp = _ulp(np.abs(block).max(), bits)
+
+    def swapped(i, j, gap):
+        """The anchor with candidates i and j `gap` apart (i the better) and then their scores exchanged."""
+        a = anchor.copy()
+        a[j] = a[i] - gap
+        c = a.copy()
+        c[i], c[j] = a[j], a[i]
+        return a, c
+
+    for i, j in ((top, second), (tenth, eleventh)):
+        a, c = swapped(i, j, 0.4 * ulp)
+        tied, strict = ParityMetrics.compute(a, c, spans, bits), ParityMetrics.compute(a, c, spans)
+        assert tied.top1_agreement == 1.0 and tied.top10_overlap == 1.0
+        assert strict.top1_agreement < 1.0 or strict.top10_overlap < 1.0
+        a, c = swapped(i, j, 3.0 * ulp)
+        far = ParityMetrics.compute(a, c, spans, bits)
+        assert far.top1_agreement < 1.0 or far.top10_overlap < 1.0
+    same = ParityMetrics.compute(anchor, anchor + rng.normal(0, 1e-9, len(anchor)), spans, bits)
+    assert same.top1_agreement == 1.0 and same.top10_overlap == 1.0 and same.tie_bits == 8

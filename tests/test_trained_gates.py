@@ -283,3 +283,39 @@ def test_bf16_passes_the_real_gates_on_the_trained_fixture(tmp_path, trained_fix
     report = _parity(out if status == 0 else out.with_name(out.name + ".rejected"))
     assert status == 0 and report["passed"], report.get("failures")
     assert report["judged_on"]["precision_computed"] == "bf16"
+
+
+def test_bf16_rounding_passes_the_bf16_gates_and_a_wrong_cast_or_noise_fails_them(gate_run):
+    """The bf16 bounds calibrated on any CPU (PyTorch computes real bf16 arithmetic without bf16
+    instructions, slowly): the packed model in bf16 passes the CPU bf16 gate and the H100 target's bf16 rank
+    bounds on the held-out gate pairs; layer 0's Wqkv cast through fp8 e4m3 (a wrong cast) fails them, and so
+    do bf16 scores plus noise of 0.5 logits (measured costs on the held-out set: scripts/bf16_numerics.py,
+    docs/trained-reranker.md "bf16 numerics")."""
+    import torch
+
+    from ettin_export import targets
+    from ettin_export.parity import References
+    from ettin_export.parity.references import packed_scores
+
+    _, run = gate_run
+    cpu, h100 = targets.get_target("cpu"), targets.get_target("h100")
+    anchor, anchor_name = run.anchor
+    bf16 = packed_scores(run.checkpoint.build_model(torch.bfloat16, "cpu"), run.encoder, run.pairs)
+
+    def as_own(scores):  # the H100 gate's own reference is bf16 PyTorch: here this CPU's, the same arithmetic
+        return lambda *_: References(anchor, anchor_name, scores, "packed PyTorch bf16 (CPU)")
+
+    assert 0.01 < np.abs(bf16 - anchor).mean() < 0.2  # real bf16 rounding, not fp32
+    report = run.judge(cpu, "PyTorch bf16", bf16, precision="bf16")
+    assert report.passed, report.failures
+    assert run.judge(h100, "PyTorch bf16", bf16, as_own(bf16)).passed
+
+    model = run.checkpoint.build_model(torch.float32, "cpu")  # the cast's damage, computed in fp32 (faster)
+    with torch.no_grad():
+        weight = model.layers[0].attn.Wqkv.weight
+        weight.copy_(weight.to(torch.float8_e4m3fn).to(torch.float32))
+    noise = bf16 + np.random.default_rng(3).normal(0.0, 0.5, len(bf16))
+    for name, damaged in (("fp8 cast", packed_scores(model, run.encoder, run.pairs)), ("noise 0.5", noise)):
+        report = run.judge(cpu, name, damaged, precision="bf16")
+        assert not report.passed and any(f.startswith(("spearman", "top")) for f in report.failures), name
+        assert not run.judge(h100, name, damaged, as_own(bf16)).passed, name

@@ -134,7 +134,7 @@ def layer_sensitivity(fp32_graph: Path, body: Sequence[str], workdir: Path, scor
         else:
             onnx.save(made, str(probe))
         candidate = score(probe)
-        metrics = ParityMetrics.compute(anchor, candidate, spans)
+        metrics = ParityMetrics.compute(anchor, candidate, spans, bounds.tie_bits)
         scale = score_scale(candidate, anchor)
         rows.append({"layer": name, "damage": round(damage(metrics, bounds, scale), 4),
                      "spearman": metrics.spearman, "top1_agreement": metrics.top1_agreement,

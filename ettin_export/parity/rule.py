@@ -42,28 +42,48 @@ class ParityMetrics:
     spearman: float
     top1_agreement: float
     top10_overlap: float
+    tie_bits: int | None = None  # top-1 / top-10 judged up to ties within one ulp at these bits (None: strict)
 
     @classmethod
-    def compute(cls, reference: np.ndarray, candidate: np.ndarray, spans: Sequence[slice]) -> ParityMetrics:
+    def compute(cls, reference: np.ndarray, candidate: np.ndarray, spans: Sequence[slice],
+                tie_bits: int | None = None) -> ParityMetrics:
+        """The candidate against the reference. With `tie_bits`, a query's top-1 agrees when the candidate's
+        pick scores within one ulp (at that many significant bits of the query's largest |reference score|)
+        of the reference's best, and a candidate top-10 document counts when it scores within that ulp of the
+        reference's 10th best: an order the precision cannot resolve is not held against it."""
         reference = np.asarray(reference, dtype=np.float64)
         candidate = np.asarray(candidate, dtype=np.float64)
         diff = np.abs(reference - candidate)
         top1, overlap = [], []
         for span in spans:
             ref, cand = reference[span], candidate[span]
-            top1.append(int(np.argmax(ref)) == int(np.argmax(cand)))
+            if not len(ref):
+                continue
+            tie = _ulp(np.abs(ref).max(), tie_bits)
+            top1.append(bool(ref[int(np.argmax(cand))] >= ref.max() - tie))
             k = min(10, len(ref))
-            ref_top = set(np.argsort(-ref, kind="stable")[:k].tolist())
-            cand_top = set(np.argsort(-cand, kind="stable")[:k].tolist())
-            overlap.append(len(ref_top & cand_top) / k)
+            kth = np.sort(ref)[::-1][k - 1]
+            cand_top = np.argsort(-cand, kind="stable")[:k]
+            if tie_bits is None:
+                ref_top = set(np.argsort(-ref, kind="stable")[:k].tolist())
+                overlap.append(len(ref_top & set(cand_top.tolist())) / k)
+            else:
+                overlap.append(float(np.mean(ref[cand_top] >= kth - tie)))
         return cls(
             pairs=len(reference), queries=len(spans),
             max_abs_diff=float(diff.max()) if len(diff) else 0.0,
             mean_abs_diff=float(diff.mean()) if len(diff) else 0.0,
             spearman=spearman(reference, candidate) if len(reference) > 1 else 1.0,
             top1_agreement=float(np.mean(top1)) if top1 else 1.0,
-            top10_overlap=float(np.mean(overlap)) if overlap else 1.0,
+            top10_overlap=float(np.mean(overlap)) if overlap else 1.0, tie_bits=tie_bits,
         )
+
+
+def _ulp(magnitude: float, bits: int | None) -> float:
+    """One unit in the last place of `magnitude` at `bits` significant bits (bf16: 8); 0 when strict."""
+    if bits is None or not magnitude > 0:
+        return 0.0
+    return float(2.0 ** (np.floor(np.log2(magnitude)) - (bits - 1)))
 
 
 @dataclass(frozen=True)
@@ -193,9 +213,9 @@ def judge(
     the score scale (where it has one), and the ranking bounds against the anchor."""
     precision = precision or target.precision
     bounds = target.bounds_for(precision)
-    metrics = ParityMetrics.compute(references.anchor, candidate, spans)
-    own = ParityMetrics.compute(references.anchor, references.own, spans)
-    versus_own = ParityMetrics.compute(references.own, candidate, spans)
+    metrics = ParityMetrics.compute(references.anchor, candidate, spans, bounds.tie_bits)
+    own = ParityMetrics.compute(references.anchor, references.own, spans, bounds.tie_bits)
+    versus_own = ParityMetrics.compute(references.own, candidate, spans, bounds.tie_bits)
     check = check_bound(candidate, references, bounds)
     failures = []
     if not check.passed:
@@ -205,7 +225,7 @@ def judge(
             f"{f' + {bounds.error_slack:g}' if bounds.error_slack else ''})"
         )
     limits = {"max_abs_diff": check.limit if bounds.error_ratio is not None else None,
-              "error_ratio": bounds.error_ratio, "error_slack": bounds.error_slack}
+              "error_ratio": bounds.error_ratio, "error_slack": bounds.error_slack, "tie_bits": bounds.tie_bits}
     for name, bound in (("spearman", bounds.min_spearman), ("top1_agreement", bounds.min_top1_agreement),
                         ("top10_overlap", bounds.min_top10_overlap)):
         limits[name] = bound
@@ -253,9 +273,11 @@ def format_report(report: ParityReport) -> str:
         rule += f" = {b['max_abs_diff']:.3g}"
     scale = (f", score scale {b['score_scale']:.4f} within 1 ± {b['max_scale_error']:g}"
              if b.get("max_scale_error") is not None else "")
+    ties = (f" (top-1 / top-10 up to ties within one ulp at {b['tie_bits']} bits of the query's top score)"
+            if b.get("tie_bits") else "")
     lines.append(
         f"  bounds: {rule}, Spearman ≥ {b['spearman']:g}, top-1 ≥ {b['top1_agreement']:g}, "
-        f"top-10 overlap ≥ {b['top10_overlap']:g}{scale}"
+        f"top-10 overlap ≥ {b['top10_overlap']:g}{scale}{ties}"
     )
     if report.judged_on:
         j = report.judged_on

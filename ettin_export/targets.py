@@ -53,17 +53,18 @@ class ScoreBounds:
 
 BF16_FLASH_REFERENCE = "packed PyTorch bf16 with flash attention"
 FP32_BOUNDS = ScoreBounds(2.0, 1e-5, "sentence-transformers CrossEncoder fp32")
-# bf16's rank bounds (both targets) are calibrated on bf16 rounding of a model that ranks: PyTorch's own bf16
-# of the trained fixture has Spearman 0.9985 against the anchor and top-1 / top-10 agreement 100 % / 1.000
-# up to ties within one bf16 ulp (83 % / 0.950 strictly), while added noise that costs NDCG@10 fails them.
-BF16_RANKS = {"min_spearman": 0.995, "tie_bits": 8}
+# bf16's rank bounds (both targets) are calibrated on bf16 rounding of models that rank (scripts/bf16_numerics.py):
+# PyTorch's own bf16 has, against the anchor, Spearman 0.9985 / 0.9959 and top-1 100 % / 100 %, top-10 1.000 /
+# 0.970 up to ties within one bf16 ulp on the tiny trained fixture / the trained 17m (strictly 83 % / 97.5 %,
+# 0.950 / 0.965), while a wrong cast and noise that cost NDCG@10 >= 0.005 fail them.
+BF16_RANKS = {"min_spearman": 0.995, "min_top10_overlap": 0.95, "tie_bits": 8}
 BF16_BOUNDS = ScoreBounds(1.5, 0.0, BF16_FLASH_REFERENCE, **BF16_RANKS)
 # Reduced CPU precisions rank like fp32 (issue 13): rank gates against the fp32 reference (the fp64
 # anchor), max |Δ| reported, and the score scale within 5 %.
 INT8_BOUNDS = ScoreBounds(None, 0.0, "sentence-transformers CrossEncoder fp32", min_spearman=0.995,
                           min_top1_agreement=0.98, min_top10_overlap=0.98, max_scale_error=0.05)
 BF16_CPU_BOUNDS = ScoreBounds(None, 0.0, "sentence-transformers CrossEncoder fp32", min_top1_agreement=0.99,
-                              min_top10_overlap=0.98, max_scale_error=0.05, **BF16_RANKS)
+                              max_scale_error=0.05, **BF16_RANKS)
 # Kernel level (flash-attention's convention): the attention kernel's error against the fp32 reference
 # within 2 x PyTorch's own bf16 attention error on the same inputs (+ a hair for ties at zero error).
 KERNEL_BOUNDS = ScoreBounds(2.0, 1e-5, "PyTorch's own bf16 attention")

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from ettin_export.build.common import BuildOptions, reference_model
     from ettin_export.checkpoint import load_checkpoint
     from ettin_export.evaluation.beir import load_beir
-    from ettin_export.evaluation.rerank import first_stage_candidates
+    from ettin_export.evaluation.rerank import first_stage_candidates, write_gate_pairs
     from ettin_export.parity.references import packed_scores
     from ettin_export.parity.rule import ParityMetrics
     from ettin_export.progress import Steps
@@ -59,11 +59,7 @@ def main(argv=None) -> int:
     heldout = heldout_beir_dir()
     data = load_beir(heldout)
     candidates = first_stage_candidates(data, args.gate_candidates)
-    gate = Path(tempfile.mkdtemp()) / "gate.jsonl"
-    with gate.open("w") as handle:
-        for query_id in data.evaluated_query_ids[:args.gate_queries]:
-            for doc_id, _ in candidates[query_id]:
-                handle.write(json.dumps({"query": data.queries[query_id], "document": data.document(doc_id)}) + "\n")
+    gate = write_gate_pairs(data, candidates, args.gate_queries, Path(tempfile.mkdtemp()) / "gate.jsonl")
     checkpoint = load_checkpoint(folder, max_length=256)
     target = targets.get_target("cpu")
     options = BuildOptions(out=None, target=target, max_length=256, precision="bf16", parity_pairs=str(gate))

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from ettin_export.bench.measure import cpu_description
     from ettin_runtime import machine
     from ettin_export.evaluation.beir import load_beir
-    from ettin_export.evaluation.rerank import System, agreement, evaluate, first_stage_candidates
+    from ettin_export.evaluation.rerank import System, agreement, evaluate, first_stage_candidates, write_gate_pairs
     from ettin_runtime import Reranker
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -73,11 +73,7 @@ def main(argv=None) -> int:
     data = load_beir(args.data)
     print(f"machine: {cpu_description()}", flush=True)
     candidates = first_stage_candidates(data, args.top_k)
-    gate = args.out / "gate_pairs.jsonl"
-    with gate.open("w") as handle:
-        for query_id in data.evaluated_query_ids[: args.gate_queries]:
-            for doc_id, _ in candidates[query_id]:
-                handle.write(json.dumps({"query": data.queries[query_id], "document": data.document(doc_id)}) + "\n")
+    gate = write_gate_pairs(data, candidates, args.gate_queries, args.out / "gate_pairs.jsonl")
 
     precisions = ["fp32", "int8"] + (["bf16"] if native_bf16 else [])
     builds = {}

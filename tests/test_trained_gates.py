@@ -121,16 +121,11 @@ def test_tiny_fixture_ranks_heldout_queries(trained_fixture, heldout):
 def gate_pairs(tmp_path_factory, heldout):
     """Held-out queries with their BM25 candidates: pairs like the traffic, none the fixture trained on."""
     from ettin_export.evaluation.beir import load_beir
-    from ettin_export.evaluation.rerank import first_stage_candidates
+    from ettin_export.evaluation.rerank import first_stage_candidates, write_gate_pairs
 
     data = load_beir(heldout)
     candidates = first_stage_candidates(data, GATE_CANDIDATES)
-    path = tmp_path_factory.mktemp("gate") / "pairs.jsonl"
-    with path.open("w") as handle:
-        for query_id in data.evaluated_query_ids[:GATE_QUERIES]:
-            for doc_id, _ in candidates[query_id]:
-                handle.write(json.dumps({"query": data.queries[query_id], "document": data.document(doc_id)}) + "\n")
-    return path
+    return write_gate_pairs(data, candidates, GATE_QUERIES, tmp_path_factory.mktemp("gate") / "pairs.jsonl")
 
 
 def _build(checkpoint, out, precision, gate, **options):

@@ -66,6 +66,20 @@ def candidate_pairs(data: BeirData, candidates: Mapping[str, Sequence[tuple[str,
     return pairs, owners
 
 
+def write_gate_pairs(data: BeirData, candidates: Mapping[str, Sequence[tuple[str, float]]], queries: int, path):
+    """The first `queries` evaluated queries, each with its candidates, as a `build --parity-pairs` file
+    ({"query", "document"} lines grouped by query): a gate on pairs like the traffic. Returns the path."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    with path.open("w") as handle:
+        for query_id in data.evaluated_query_ids[:queries]:
+            for doc_id, _ in candidates[query_id]:
+                handle.write(json.dumps({"query": data.queries[query_id], "document": data.document(doc_id)}) + "\n")
+    return path
+
+
 def score(system: System, pairs: list[tuple[str, str]], advance: Callable[[int], None] | None = None) -> np.ndarray:
     scores = []
     for start in range(0, len(pairs), CHUNK_PAIRS):

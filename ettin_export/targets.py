@@ -35,11 +35,28 @@ class ScoreBounds:
     # score in [4, 8)). Measured on the trained fixture: every top-1 "disagreement" of PyTorch's own bf16 was
     # such a near-tie (anchor gaps 0.003-0.022 logits; docs/trained-reranker.md, "bf16 numerics"). None: strict.
     tie_bits: int | None = None
+    # Rank bounds relative to the own reference (bf16: the packed model in bf16), as the error bound is: each
+    # rank bound loosens to 1 - rank_ratio x (1 - the own reference's own agreement with the anchor) where that
+    # is below the fixed bound (rounding alone ranks worse at depth), never below rank_floor (Spearman, top-1,
+    # top-10): a checkpoint whose bf16 rounding loses more than that is not one bf16 should ship. None: fixed.
+    rank_ratio: float | None = None
+    rank_floor: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @property
     def needs_lowp_reference(self) -> bool:
-        """The own reference is the packed model in bf16 with flash attention (the GPU gate)."""
-        return self.own_reference == BF16_FLASH_REFERENCE
+        """The own reference is the packed model in bf16 (with flash attention on the GPU, the reference
+        attention on a CPU), computed beside the anchor rather than CrossEncoder fp32."""
+        return self.own_reference in (BF16_FLASH_REFERENCE, BF16_CPU_REFERENCE)
+
+    def rank_bounds(self, own=None) -> dict[str, float]:
+        """The rank bounds for a candidate whose own reference has `own` (a parity.ParityMetrics against the
+        anchor, or None): the fixed ones, loosened as `rank_ratio` says."""
+        fixed = {"spearman": self.min_spearman, "top1_agreement": self.min_top1_agreement,
+                 "top10_overlap": self.min_top10_overlap}
+        if self.rank_ratio is None or own is None:
+            return fixed
+        return {name: max(floor, min(bound, 1.0 - self.rank_ratio * (1.0 - getattr(own, name))))
+                for (name, bound), floor in zip(fixed.items(), self.rank_floor)}
 
     def limit(self, own_error: float) -> float:
         return float("inf") if self.error_ratio is None else self.error_ratio * own_error + self.error_slack
@@ -52,19 +69,26 @@ class ScoreBounds:
 
 
 BF16_FLASH_REFERENCE = "packed PyTorch bf16 with flash attention"
+BF16_CPU_REFERENCE = "packed PyTorch bf16 (reference attention)"
 FP32_BOUNDS = ScoreBounds(2.0, 1e-5, "sentence-transformers CrossEncoder fp32")
 # bf16's rank bounds (both targets) are calibrated on bf16 rounding of models that rank (scripts/bf16_numerics.py):
 # PyTorch's own bf16 has, against the anchor, Spearman 0.9985 / 0.9959 and top-1 100 % / 100 %, top-10 1.000 /
 # 0.970 up to ties within one bf16 ulp on the tiny trained fixture / the trained 17m (strictly 83 % / 97.5 %,
-# 0.950 / 0.965), while a wrong cast and noise that cost NDCG@10 >= 0.005 fail them.
-BF16_RANKS = {"min_spearman": 0.995, "min_top10_overlap": 0.95, "tie_bits": 8}
+# 0.950 / 0.965), while a wrong cast and noise that cost NDCG@10 >= 0.005 fail them. Where the own bf16 reference
+# ranks worse than that (deeper sizes: the 17m's 0.9959 is twice the 2-layer fixture's disagreement), the bounds
+# follow it at 1.5x its disagreement, as the error bound does, down to floors between the trained models' noise of
+# 0.2 logits (Spearman 0.986-0.991, NDCG@10 -0.003 at most) and the fixture's wrong cast (0.971, -0.0057).
+BF16_RANKS = {"min_spearman": 0.995, "min_top10_overlap": 0.95, "tie_bits": 8, "rank_ratio": 1.5,
+              "rank_floor": (0.98, 0.85, 0.85)}
 BF16_BOUNDS = ScoreBounds(1.5, 0.0, BF16_FLASH_REFERENCE, **BF16_RANKS)
 # Reduced CPU precisions rank like fp32 (issue 13): rank gates against the fp32 reference (the fp64
 # anchor), max |Δ| reported, and the score scale within 5 %.
 INT8_BOUNDS = ScoreBounds(None, 0.0, "sentence-transformers CrossEncoder fp32", min_spearman=0.995,
                           min_top1_agreement=0.98, min_top10_overlap=0.98, max_scale_error=0.05)
-BF16_CPU_BOUNDS = ScoreBounds(None, 0.0, "sentence-transformers CrossEncoder fp32", min_top1_agreement=0.99,
-                              max_scale_error=0.05, **BF16_RANKS)
+# bf16 on the CPU: its own reference is the packed model in PyTorch bf16 (the rank bounds follow it); max |Δ| is
+# reported only (OpenVINO keeps other ops in bf16 than PyTorch does: not measured against each other yet).
+BF16_CPU_BOUNDS = ScoreBounds(None, 0.0, BF16_CPU_REFERENCE, min_top1_agreement=0.99, max_scale_error=0.05,
+                              **BF16_RANKS)
 # Kernel level (flash-attention's convention): the attention kernel's error against the fp32 reference
 # within 2 x PyTorch's own bf16 attention error on the same inputs (+ a hair for ties at zero error).
 KERNEL_BOUNDS = ScoreBounds(2.0, 1e-5, "PyTorch's own bf16 attention")

@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     base = rows["fp32 (PyTorch)"]["ndcg@10"]
     print(f"\n{describe()}; checkpoint {folder}; gate {len(run.pairs)} pairs ({len(run.spans)} queries); "
           f"held-out {args.top_k} BM25 candidates a query; bounds: Spearman >= {bounds.min_spearman:g}, top-1 >= "
-          f"{bounds.min_top1_agreement:g}, top-10 >= {bounds.min_top10_overlap:g} (ties: {bounds.tie_bits} bits)\n")
+          f"{bounds.min_top1_agreement:g}, top-10 >= {bounds.min_top10_overlap:g} (ties: {bounds.tie_bits} bits), or "
+          f"{bounds.rank_ratio:g} x the own PyTorch bf16's disagreement, floors {bounds.rank_floor}\n")
     print("| scores | gate | Spearman | top-1 (strict) | top-10 (strict) | mean abs diff | NDCG@10 | Δ NDCG@10 | MRR@10 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():

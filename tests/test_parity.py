@@ -283,3 +283,57 @@ def test_bf16_ranks_forgive_swaps_within_one_bf16_ulp_and_no_others(seed):
         assert far.top1_agreement < 1.0 or far.top10_overlap < 1.0
     same = ParityMetrics.compute(anchor, anchor + rng.normal(0, 1e-9, len(anchor)), spans, bits)
     assert same.top1_agreement == 1.0 and same.top10_overlap == 1.0 and same.tie_bits == 8
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bf16_rank_bounds_follow_the_own_bf16_reference_down_to_a_floor(seed):
+    """bf16's rank bounds are relative to what the own reference (the packed model in bf16) loses itself, as
+    the error bound is (targets.ScoreBounds.rank_ratio): a candidate as faithful as a reference that ranks below
+    the fixed bounds (rounding at depth) passes; one that loses more than 1.5x the reference's disagreement
+    fails, saying why; where the reference itself ranks below the floor, nothing passes; fp32 and int8 keep
+    fixed bounds."""
+    from ettin_export.parity.rule import ParityMetrics, judge
+    from ettin_export.targets import CPU_PRECISIONS, get_target
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(25, 40, 300)
+    blocks = []
+    for n in sizes:  # a trained reranker's shape: three relevant candidates well ahead of the rest
+        block = rng.normal(0, 1.5, n)
+        block[:3] += (6.0, 4.5, 3.0)
+        blocks.append(rng.permutation(block))
+    anchor = np.concatenate(blocks)
+    spans = [slice(int(a), int(b)) for a, b in zip(np.cumsum(sizes) - sizes, np.cumsum(sizes))]
+
+    def noisy(base, sigma):
+        return base + rng.normal(0, sigma, len(base))
+
+    h100, cpu = get_target("h100"), get_target("cpu")
+    for target, precision in ((h100, "bf16"), (cpu, "bf16")):
+        bounds = target.bounds_for(precision)
+        fixed = bounds.rank_bounds()
+
+        def verdict(own, candidate):
+            return judge(target, "candidate", candidate, References(anchor, "fp64", own, "bf16 reference"), spans,
+                         precision=precision)
+
+        close_own = noisy(anchor, 1e-3)  # a reference that ranks like the anchor: the fixed bounds
+        assert verdict(close_own, noisy(close_own, 1e-3)).bounds["spearman"] == fixed["spearman"] == 0.995
+        own = noisy(anchor, 0.2)  # Spearman ~0.992: below the fixed 0.995, as bf16 at depth may be
+        own_metrics = ParityMetrics.compute(anchor, own, spans, bounds.tie_bits)
+        assert own_metrics.spearman < fixed["spearman"]
+        faithful = verdict(own, noisy(own, 0.02))
+        assert faithful.passed, faithful.failures
+        assert faithful.bounds["spearman"] == pytest.approx(1 - 1.5 * (1 - own_metrics.spearman))
+        assert fixed["spearman"] > faithful.bounds["spearman"] > bounds.rank_floor[0]
+        assert faithful.metrics.spearman < fixed["spearman"]  # the fixed bounds would have refused it
+        worse = verdict(own, noisy(anchor, 0.3))  # independent error of 1.5x the size: ~2.2x the disagreement
+        assert bounds.rank_floor[0] < worse.metrics.spearman < worse.bounds["spearman"]
+        assert any(f.startswith("spearman") and "1.5 x what the own reference loses" in f for f in worse.failures)
+        coarse = noisy(anchor, 0.5)  # a reference that ranks below the floor: bf16 is too coarse for this model
+        floored = verdict(coarse, noisy(coarse, 0.02))
+        assert floored.bounds["spearman"] == bounds.rank_floor[0]
+        assert any(f.startswith("spearman") and "the floor" in f and "build it in fp32" in f for f in floored.failures)
+    for name in ("fp32", "int8"):
+        bounds = CPU_PRECISIONS[name].bounds
+        assert bounds.rank_ratio is None and bounds.rank_bounds(own_metrics) == bounds.rank_bounds()

@@ -295,7 +295,9 @@ def test_bf16_rounding_passes_the_bf16_gates_and_a_wrong_cast_or_noise_fails_the
     _, run = gate_run
     cpu, h100 = targets.get_target("cpu"), targets.get_target("h100")
     anchor, anchor_name = run.anchor
-    bf16 = packed_scores(run.checkpoint.build_model(torch.bfloat16, "cpu"), run.encoder, run.pairs)
+    own = run.lowp_references()  # the CPU bf16 gate's own reference: the packed model in PyTorch bf16
+    bf16 = own.own
+    assert "bf16" in own.own_name and run.lowp is own  # computed once, kept for every bf16 verdict of the run
 
     def as_own(scores):  # the H100 gate's own reference is bf16 PyTorch: here this CPU's, the same arithmetic
         return lambda *_: References(anchor, anchor_name, scores, "packed PyTorch bf16 (CPU)")
@@ -303,6 +305,7 @@ def test_bf16_rounding_passes_the_bf16_gates_and_a_wrong_cast_or_noise_fails_the
     assert 0.01 < np.abs(bf16 - anchor).mean() < 0.2  # real bf16 rounding, not fp32
     report = run.judge(cpu, "PyTorch bf16", bf16, precision="bf16")
     assert report.passed, report.failures
+    assert report.reference_lowp == own.own_name and report.reference_lowp_metrics.spearman < 1.0
     assert run.judge(h100, "PyTorch bf16", bf16, as_own(bf16)).passed
 
     model = run.checkpoint.build_model(torch.float32, "cpu")  # the cast's damage, computed in fp32 (faster)

@@ -231,6 +231,9 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
             choice.update(pairs_per_s=time_runtimes(artifact, candidates, sample, steps), by="timed on this machine",
                           traffic=traffic, timed_pairs=len(sample), machine=this_machine())
             candidates = sorted(candidates, key=lambda name: -choice["pairs_per_s"][name])
+        if options.target.bounds_for(precision.name).needs_lowp_reference:  # bf16: its ranks follow PyTorch's bf16
+            with steps.step(f"own reference: the packed model in PyTorch {precision.name} on {len(run.pairs)} pairs"):
+                run.lowp_references()
         artifact, report = _judge_runtimes(artifact, engine, candidates, recipe, choice, run, options, precision, steps)
         if precision.name == "int8" and not report.passed and options.int8_max_fp32_layers != 0:
             artifact, report = _int8_fallback(artifact, exported.path, graph, candidates, recipe, choice, run, options,

@@ -6,8 +6,8 @@
 `reference_run` computes the references of the parity set (and of the export's validation grid, when
 asked) in one pass of each reference model, then proves the anchor is what CrossEncoder computes
 (references.check_port: the fp32 rule both ways) before any candidate is judged. `judge` applies the
-target's bounds; for a bf16 target it measures the bf16 flash reference's own error against the same
-fp64 anchor first.
+target's bounds; for a bf16 candidate it measures the packed model's own bf16 scores (flash attention on
+a GPU) against the same fp64 anchor first, once per run.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class ReferenceRun:
     grid_references: References | None
     port: PortCheck | None  # None when CrossEncoder was not run
     crossencoder: bool
+    lowp: References | None = None  # the bf16 own reference of `pairs`, once computed (lowp_references)
 
     @property
     def anchor(self) -> tuple[np.ndarray, str]:
@@ -49,16 +50,23 @@ class ReferenceRun:
     def judge(self, target: Target, candidate_name: str, candidate: np.ndarray,
               bf16_reference: Callable[..., References] | None = None, *, precision: str | None = None) -> ParityReport:
         """The verdict on `candidate` (scores of `pairs`, in order) under the target's bounds at the
-        candidate's precision. Where the own reference is the packed model in bf16 with flash attention
-        (the GPU gate), it is measured (`bf16_reference`, by default references.bf16_references on this
-        run's device) against the same anchor; the CPU precisions are judged against fp32's references."""
+        candidate's precision. Where the own reference is the packed model in bf16 (the bf16 gates: flash
+        attention on a GPU, the reference attention on a CPU), it is measured against the same anchor
+        (`bf16_reference`, by default `lowp_references`, once per run); int8 and fp32 are judged against
+        fp32's references."""
         precision = precision or target.precision
         references = self.references
         if target.bounds_for(precision).needs_lowp_reference:
-            make = bf16_reference or (lambda checkpoint, pairs, encoder, anchor: bf16_references(
-                checkpoint, pairs, encoder, self.device, anchor))
-            references = make(self.checkpoint, self.pairs, self.encoder, self.anchor)
+            references = (bf16_reference(self.checkpoint, self.pairs, self.encoder, self.anchor)
+                          if bf16_reference is not None else self.lowp_references())
         return judge(target, candidate_name, np.asarray(candidate), references, self.spans, precision=precision)
+
+    def lowp_references(self) -> References:
+        """The fp64 anchor beside the packed model in bf16 on this run's device (flash attention on CUDA, the
+        reference attention on a CPU), computed on the first call and kept: every bf16 verdict of the run uses it."""
+        if self.lowp is None:
+            self.lowp = bf16_references(self.checkpoint, self.pairs, self.encoder, self.device, self.anchor)
+        return self.lowp
 
 
 def reference_run(checkpoint, encoder, groups: Sequence[Group], *, device: str, steps, crossencoder: bool = True,

@@ -572,6 +572,7 @@ def test_a_sensitivity_probe_made_in_memory_scores_as_quantizing_that_layer_alon
         onnx.save(probe, str(tmp_path / "fast.onnx"))
         quantize_int8(source, tmp_path / "alone.onnx", keep_fp32=[other for other in body if other != layer])
         fast, alone = score(tmp_path / "fast.onnx"), score(tmp_path / "alone.onnx")
+        np.testing.assert_array_equal(score(probe), fast)  # scored from memory (no file), as the build does
         # the same quantized layer; the other layers differ only as Gemm vs the quantizer's MatMul (fp32 rounding)
         np.testing.assert_allclose(fast, alone, atol=2e-5, err_msg=f"{layer} (seed {seed})")
         if layer == body[0]:  # the first attention projection in 8 bits moves the scores, well past rounding

@@ -43,8 +43,9 @@ def graph_scorer(encoder, pairs: Sequence[tuple[str, str]], batch_pairs: int = 3
 
     ids = encoder.encode(list(pairs))
 
-    def scores(graph: Path) -> np.ndarray:
-        session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    def scores(graph) -> np.ndarray:  # a path, or a ModelProto under 2 GiB (read from memory: no file written)
+        source = graph.SerializeToString() if hasattr(graph, "SerializeToString") else str(graph)
+        session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
         out = []
         for start in range(0, len(ids), batch_pairs):
             packed = pack(ids[start:start + batch_pairs])
@@ -131,9 +132,7 @@ def layer_sensitivity(fp32_graph: Path, body: Sequence[str], workdir: Path, scor
         made = None if external else single_layer_int8(fp32, int8, name)
         if made is None:
             quantize_int8(fp32_graph, probe, keep_fp32=[other for other in body if other != name])
-        else:
-            onnx.save(made, str(probe))
-        candidate = score(probe)
+        candidate = score(probe if made is None else made)
         metrics = ParityMetrics.compute(anchor, candidate, spans, bounds.tie_bits)
         scale = score_scale(candidate, anchor)
         rows.append({"layer": name, "damage": round(damage(metrics, bounds, scale), 4),

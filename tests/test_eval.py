@@ -170,6 +170,37 @@ def test_a_reranker_that_puts_the_relevant_first_gets_mrr_one_and_one_that_rever
     assert report["agreement"]["top1_agreement"] == 0.0
 
 
+def test_a_bf16_artifacts_agreement_is_also_given_up_to_bf16_ties(capsys):
+    """For a bf16 artifact `eval` reports top-1 / top-10 agreement both strictly and as its gate judges them
+    (up to ties within one bf16 ulp of the query's top score); other precisions strictly only."""
+    from ettin_export.commands.eval import _print_table
+    from ettin_export.evaluation.rerank import agreement
+
+    rng = np.random.default_rng()
+    queries = 12
+    owners = [(f"q{q}", f"d{d}") for q in range(queries) for d in range(15)]
+    reference = np.minimum(rng.normal(0, 2, len(owners)), 4.0)
+    reference[::15] = 5.0  # each query's best at 5 (one bf16 ulp there: 2^-5)
+    candidate = reference.copy()
+    candidate[1::15] = 5.0 - 0.01  # the runner-up 0.01 below the best (within the ulp) ...
+    reference[1::15] = 5.0 - 0.01
+    for start in range(0, len(owners), 15)[:3]:  # ... and in 3 queries the candidate puts it first
+        candidate[start], candidate[start + 1] = candidate[start + 1], candidate[start]
+    strict = agreement(owners, reference, candidate)
+    assert strict["top1_agreement"] == pytest.approx(9 / 12) and "top1_agreement_tied" not in strict
+    tied = agreement(owners, reference, candidate, tie_bits=8)
+    assert tied["top1_agreement"] == strict["top1_agreement"] and tied["top1_agreement_tied"] == 1.0
+    assert tied["tie_bits"] == 8 and tied["top10_overlap_tied"] >= tied["top10_overlap"]
+    far = candidate.copy()
+    far[2::15] = 9.0  # the candidate's pick a document the reference scores far below its best: no tie
+    assert agreement(owners, reference, far, tie_bits=8)["top1_agreement_tied"] == 0.0
+    output = {"evaluated_queries": queries, "skipped_queries_no_qrels": 0, "pairs": len(owners),
+              "first_stage": {"name": "run", "top_k": 15, "ndcg@10": 0.5},
+              "reranker": {"name": "bf16 artifact", "ndcg@10": 0.6}, "crossencoder": None, "agreement": tied}
+    _print_table(output, ["ndcg@10"])
+    assert "top-1 agreement 75.0 % (100.0 % up to bf16 ties)" in capsys.readouterr().out
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 def refusal(capsys, argv):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ettin_export.commands.common import add_model_arguments
 from ettin_export.errors import UsageError
+from ettin_export.targets import BF16_RANKS
 
 DEFAULT_TOP_K = 100
 
@@ -205,7 +206,9 @@ def run(args) -> int:
                 task = bar.add_task(f"scoring with {system.name}", total=total, unit="pairs")
                 return lambda pairs: bar.advance(task, pairs)
 
-            report = evaluate(data, candidates, systems, recall_at, first_stage_name=first_stage, progress=progress)
+            ties = BF16_RANKS["tie_bits"] if described.get("precision") == "bf16" else None  # as its gate judges
+            report = evaluate(data, candidates, systems, recall_at, first_stage_name=first_stage, progress=progress,
+                              tie_bits=ties)
     finally:
         reranker.close()
     report.pop("scores")
@@ -243,6 +246,14 @@ def _print_table(output: dict, names: list[str]) -> None:
     agreement = output.get("agreement")
     if agreement:
         print(f"reranker vs CrossEncoder: Spearman {agreement['spearman']:.6f} over {agreement['pairs']} pairs, "
-              f"top-1 agreement {100 * agreement['top1_agreement']:.1f} % and top-10 overlap "
-              f"{agreement['top10_overlap']:.3f} over {agreement['queries']} queries, max |delta| "
-              f"{agreement['max_abs_diff']:.3g}")
+              f"top-1 agreement {100 * agreement['top1_agreement']:.1f} %{_tied(agreement, 'top1_agreement', 100, '%')} "
+              f"and top-10 overlap {agreement['top10_overlap']:.3f}{_tied(agreement, 'top10_overlap', 1, '')} over "
+              f"{agreement['queries']} queries, max |delta| {agreement['max_abs_diff']:.3g}")
+
+
+def _tied(agreement: dict, name: str, scale: float, unit: str) -> str:
+    """' (x up to bf16 ties)' where the agreement has the tie-aware figure (a bf16 artifact)."""
+    if f"{name}_tied" not in agreement:
+        return ""
+    value = scale * agreement[f"{name}_tied"]
+    return f" ({value:.1f} % up to bf16 ties)" if unit == "%" else f" ({value:.3f} up to bf16 ties)"

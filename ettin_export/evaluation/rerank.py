@@ -100,9 +100,12 @@ def rankings_of(owners: Sequence[tuple[str, str]], scores: np.ndarray, query_ids
     return {query_id: ranked(items) for query_id, items in scored.items()}
 
 
-def agreement(owners: Sequence[tuple[str, str]], reference: np.ndarray, candidate: np.ndarray) -> dict:
+def agreement(owners: Sequence[tuple[str, str]], reference: np.ndarray, candidate: np.ndarray,
+              tie_bits: int | None = None) -> dict:
     """The artifact's scores against CrossEncoder's on the same pairs: the numbers the int8/bf16 gates use
-    (Spearman over all pairs, top-1 agreement and top-10 overlap per query, max |delta|)."""
+    (Spearman over all pairs, top-1 agreement and top-10 overlap per query, max |delta|). With `tie_bits`
+    (a bf16 artifact: 8) also top-1 / top-10 up to ties within one ulp at that precision, as its gate
+    judges them (`..._tied`)."""
     from ettin_export.parity.rule import ParityMetrics
 
     spans, start = [], 0
@@ -111,17 +114,22 @@ def agreement(owners: Sequence[tuple[str, str]], reference: np.ndarray, candidat
             spans.append(slice(start, end))
             start = end
     metrics = ParityMetrics.compute(reference, candidate, spans)
-    return {"pairs": metrics.pairs, "queries": metrics.queries, "spearman": metrics.spearman,
-            "top1_agreement": metrics.top1_agreement, "top10_overlap": metrics.top10_overlap,
-            "max_abs_diff": metrics.max_abs_diff, "mean_abs_diff": metrics.mean_abs_diff}
+    out = {"pairs": metrics.pairs, "queries": metrics.queries, "spearman": metrics.spearman,
+           "top1_agreement": metrics.top1_agreement, "top10_overlap": metrics.top10_overlap,
+           "max_abs_diff": metrics.max_abs_diff, "mean_abs_diff": metrics.mean_abs_diff}
+    if tie_bits is not None:
+        tied = ParityMetrics.compute(reference, candidate, spans, tie_bits)
+        out.update(tie_bits=tie_bits, top1_agreement_tied=tied.top1_agreement, top10_overlap_tied=tied.top10_overlap)
+    return out
 
 
 def evaluate(data: BeirData, candidates: Mapping[str, Sequence[tuple[str, float]]], systems: Sequence[System],
              recall_at: Sequence[int], first_stage_name: str = "first stage",
-             progress: Callable[[System, int], Callable[[int], None]] | None = None) -> dict:
+             progress: Callable[[System, int], Callable[[int], None]] | None = None,
+             tie_bits: int | None = None) -> dict:
     """The report: counts, then the first stage's and each system's metrics on the same candidates, and
-    the agreement of "reranker" with "crossencoder" when both ran. `progress(system, pairs)` returns the
-    callback that system's scoring advances by the pairs of each chunk."""
+    the agreement of "reranker" with "crossencoder" when both ran (`tie_bits`: see `agreement`).
+    `progress(system, pairs)` returns the callback that system's scoring advances by the pairs of each chunk."""
     query_ids = data.evaluated_query_ids
     qrels = {query_id: data.qrels[query_id] for query_id in query_ids}
     pairs, owners = candidate_pairs(data, {q: candidates.get(q, []) for q in query_ids})
@@ -147,7 +155,7 @@ def evaluate(data: BeirData, candidates: Mapping[str, Sequence[tuple[str, float]
                               **mean_metrics(qrels, rankings_of(owners, scores[system.key], query_ids), recall_at),
                               "seconds": round(seconds, 3)}
     if "reranker" in scores and "crossencoder" in scores:
-        report["agreement"] = agreement(owners, scores["crossencoder"], scores["reranker"])
+        report["agreement"] = agreement(owners, scores["crossencoder"], scores["reranker"], tie_bits)
     report["scores"] = scores  # the raw scores, pair order = `owners` (the command drops them from its JSON)
     report["owners"] = owners
     return report

@@ -55,8 +55,8 @@ class ScoreBounds:
                  "top10_overlap": self.min_top10_overlap}
         if self.rank_ratio is None or own is None:
             return fixed
-        return {name: max(floor, min(bound, 1.0 - self.rank_ratio * (1.0 - getattr(own, name))))
-                for (name, bound), floor in zip(fixed.items(), self.rank_floor)}
+        return {name: max(min(floor, bound), min(bound, 1.0 - self.rank_ratio * (1.0 - getattr(own, name))))
+                for (name, bound), floor in zip(fixed.items(), self.rank_floor)}  # never above the fixed bound
 
     def limit(self, own_error: float) -> float:
         return float("inf") if self.error_ratio is None else self.error_ratio * own_error + self.error_slack

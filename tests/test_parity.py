@@ -6,6 +6,7 @@ of 10 x the reference's own fp32 error."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -356,6 +357,8 @@ def test_bf16_rank_bounds_follow_the_own_bf16_reference_down_to_a_floor(seed):
         floored = verdict(coarse, noisy(coarse, 0.02))
         assert floored.bounds["spearman"] == bounds.rank_floor[0]
         assert any(f.startswith("spearman") and "the floor" in f and "build it in fp32" in f for f in floored.failures)
+        looser = dataclasses.replace(bounds, min_spearman=0.97)  # a fixed bound below the floor stays the bound
+        assert looser.rank_bounds(floored.reference_lowp_metrics)["spearman"] == 0.97
     for name in ("fp32", "int8"):
         bounds = CPU_PRECISIONS[name].bounds
         assert bounds.rank_ratio is None and bounds.rank_bounds(own_metrics) == bounds.rank_bounds()

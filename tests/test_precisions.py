@@ -344,6 +344,9 @@ def test_a_gate_that_did_not_compute_its_precision_fails(tiny_checkpoint, tmp_pa
     assert not out.exists() and not parity["passed"]
     assert any(f.startswith("the gate ran at fp32, not bf16") for f in parity["failures"])
     assert parity["judged_on"]["precision_computed"] == "fp32"
+    # the CPU bf16 gate's own reference is PyTorch's bf16 (real bf16 rounding, not fp32's)
+    assert parity["reference_lowp"].startswith("packed PyTorch bf16 (CPU")
+    assert parity["reference_lowp_metrics"]["max_abs_diff"] > 1e-3
 
 
 def test_loading_on_another_cpu_class_warns_once(reduced, tmp_path):

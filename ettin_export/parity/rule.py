@@ -257,7 +257,7 @@ def _rank_reason(name, bound, fixed, floor, own, bounds, own_name) -> str:
     if bound == fixed:
         return ""
     own_value = getattr(own, name)
-    if bound == floor and floor < fixed:
+    if bound == min(floor, fixed):
         return (f", the floor: the own reference ({own_name}) has {name} {own_value:.4f} against the anchor itself, "
                 "so bf16 rounding alone costs this checkpoint more ranking agreement than a bf16 build may lose; "
                 "build it in fp32 (or int8 on a CPU)")

@@ -245,15 +245,14 @@ def _print_table(output: dict, names: list[str]) -> None:
         print(f"{label:<{width}}  " + "  ".join(f"{values[name]:>10.4f}" for name in names))
     agreement = output.get("agreement")
     if agreement:
+        top1 = _tied(agreement, "top1_agreement", lambda v: f"{100 * v:.1f} %")
+        top10 = _tied(agreement, "top10_overlap", lambda v: f"{v:.3f}")
         print(f"reranker vs CrossEncoder: Spearman {agreement['spearman']:.6f} over {agreement['pairs']} pairs, "
-              f"top-1 agreement {100 * agreement['top1_agreement']:.1f} %{_tied(agreement, 'top1_agreement', 100, '%')} "
-              f"and top-10 overlap {agreement['top10_overlap']:.3f}{_tied(agreement, 'top10_overlap', 1, '')} over "
-              f"{agreement['queries']} queries, max |delta| {agreement['max_abs_diff']:.3g}")
+              f"top-1 agreement {100 * agreement['top1_agreement']:.1f} %{top1} and top-10 overlap "
+              f"{agreement['top10_overlap']:.3f}{top10} over {agreement['queries']} queries, max |delta| "
+              f"{agreement['max_abs_diff']:.3g}")
 
-
-def _tied(agreement: dict, name: str, scale: float, unit: str) -> str:
+def _tied(agreement: dict, name: str, form) -> str:
     """' (x up to bf16 ties)' where the agreement has the tie-aware figure (a bf16 artifact)."""
-    if f"{name}_tied" not in agreement:
-        return ""
-    value = scale * agreement[f"{name}_tied"]
-    return f" ({value:.1f} % up to bf16 ties)" if unit == "%" else f" ({value:.3f} up to bf16 ties)"
+    tied = agreement.get(f"{name}_tied")
+    return "" if tied is None else f" ({form(tied)} up to bf16 ties)"

@@ -239,28 +239,6 @@ def test_rank_matches_crossencoder_rank(tiny_checkpoint):
         reranker.rank(query, "one string")
 
 
-def test_crossencoder_batched_by_length_scores_in_the_given_order(tiny_checkpoint):
-    """The references' CrossEncoder runs in batches of similar length (predict_by_length): each score lands on
-    its own pair, as CrossEncoder.predict in the given order scores it (up to fp32 rounding of other batch
-    shapes), for one pair, for none, and for short pairs beside long ones in a fresh random order."""
-    from sentence_transformers import CrossEncoder
-
-    from ettin_export.parity.references import predict_by_length
-    from ettin_export.synthetic.text import random_pairs
-
-    cross_encoder = CrossEncoder(str(tiny_checkpoint), activation_fn=torch.nn.Identity(), device="cpu")
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    pairs = random_pairs(37, seed=seed, document_words=(0, 150))
-    pairs = [pairs[i] for i in np.random.default_rng(seed).permutation(len(pairs))]
-    expected = cross_encoder.predict(pairs, batch_size=16, show_progress_bar=False, convert_to_numpy=True)
-    got = predict_by_length(cross_encoder, pairs, batch_size=16)
-    assert got.dtype == np.float64 and got.shape == (37,)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=f"seed {seed}")
-    assert np.ptp(expected) > 100 * 1e-5  # distinct scores: a pair given another's score would show
-    assert np.allclose(predict_by_length(cross_encoder, pairs[5:6]), expected[5:6], rtol=0, atol=1e-5)
-    assert predict_by_length(cross_encoder, []).shape == (0,)
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bf16_ranks_forgive_swaps_within_one_bf16_ulp_and_no_others(seed):
     """The bf16 rank bounds' tie rule (targets.ScoreBounds.tie_bits): a swap of two candidates whose anchor

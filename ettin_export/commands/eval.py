@@ -83,9 +83,7 @@ class _CrossEncoder:
         self.model = CrossEncoder(path, activation_fn=torch.nn.Identity(), device=device, max_length=max_length)
 
     def predict(self, pairs):
-        from ettin_export.parity.references import predict_by_length
-
-        return predict_by_length(self.model, pairs, self.batch_size)
+        return self.model.predict(pairs, batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True)
 
 
 def _open(args, notes: list[str]):

@@ -98,22 +98,6 @@ def packed_fp32(checkpoint: Checkpoint, pairs, encoder: PairEncoder, device: str
     return scores, f"packed PyTorch fp32 (exact attention, {_where(device)})"
 
 
-def predict_by_length(cross_encoder, pairs: Sequence[tuple[str, str]], batch_size: int = CROSSENCODER_BATCH_SIZE
-                      ) -> np.ndarray:
-    """`CrossEncoder.predict` of `pairs` in batches of similar length (longest first), the scores in the
-    given order as float64: its padded batches then pad little. On the trained fixture's 600 gate pairs
-    (AMD EPYC Zen 3, 2 cores) 4.8 s against 7.4 s in the given order, at the same error against the fp64
-    anchor (the scores move by fp32 rounding of other batch shapes only: 9.5e-07 there)."""
-    pairs = list(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-    scores = np.empty(len(pairs), dtype=np.float64)
-    if pairs:
-        scores[order] = np.asarray(cross_encoder.predict([pairs[i] for i in order], batch_size=batch_size,
-                                                         show_progress_bar=False, convert_to_numpy=True),
-                                   dtype=np.float64).reshape(-1)
-    return scores
-
-
 def crossencoder_fp32(checkpoint: Checkpoint, pairs, max_length: int, device: str = "cpu",
                       *, bf16_weights: bool = False) -> tuple[np.ndarray, str]:
     """sentence-transformers' CrossEncoder.predict in fp32 (its own padded path), raw scores."""
@@ -126,10 +110,12 @@ def crossencoder_fp32(checkpoint: Checkpoint, pairs, max_length: int, device: st
                                  max_length=max_length)
     if bf16_weights:
         round_to_bf16(cross_encoder)
-    scores = predict_by_length(cross_encoder, pairs)
+    # CrossEncoder.predict batches by length itself (sentence-transformers 6.3 sorts inside _inference)
+    scores = cross_encoder.predict(list(pairs), batch_size=CROSSENCODER_BATCH_SIZE, show_progress_bar=False,
+                                   convert_to_numpy=True)
     del cross_encoder
     rounded = ", bf16-rounded weights" if bf16_weights else ""
-    return scores, f"sentence-transformers CrossEncoder fp32 ({_where(device)}{rounded})"
+    return np.asarray(scores, dtype=np.float64), f"sentence-transformers CrossEncoder fp32 ({_where(device)}{rounded})"
 
 
 def fp32_references(checkpoint: Checkpoint, pairs, encoder: PairEncoder, device: str = "cpu",

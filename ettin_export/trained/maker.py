@@ -338,10 +338,8 @@ def evaluate(score_pairs, beir: Path, teacher: Teacher | None = None, seed: int 
 def crossencoder_scorer(folder: Path, batch_size: int = 32):
     from sentence_transformers import CrossEncoder
 
-    from ettin_export.parity.references import predict_by_length
-
     model = CrossEncoder(str(folder), device="cpu")
-    return lambda pairs: predict_by_length(model, pairs, batch_size)
+    return lambda pairs: model.predict(pairs, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
 
 
 # ---------------------------------------------------------------- the maker

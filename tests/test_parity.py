@@ -286,7 +286,7 @@ def test_bf16_ranks_forgive_swaps_within_one_bf16_ulp_and_no_others(seed):
     assert same.top1_agreement == 1.0 and same.top10_overlap == 1.0 and same.tie_bits == 8
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, None])  # None: a fresh seed (checked over 100 seeds, none failed)
 def test_bf16_rank_bounds_follow_the_own_bf16_reference_down_to_a_floor(seed):
     """bf16's rank bounds are relative to what the own reference (the packed model in bf16) loses itself, as
     the error bound is (targets.ScoreBounds.rank_ratio): a candidate as faithful as a reference that ranks below
@@ -296,6 +296,8 @@ def test_bf16_rank_bounds_follow_the_own_bf16_reference_down_to_a_floor(seed):
     from ettin_export.parity.rule import ParityMetrics, judge
     from ettin_export.targets import CPU_PRECISIONS, get_target
 
+    seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None else seed
+    print(f"seed {seed}")  # shown with a failure
     rng = np.random.default_rng(seed)
     sizes = rng.integers(25, 40, 300)
     blocks = []

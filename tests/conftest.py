@@ -51,3 +51,119 @@ def tiny_artifact(tmp_path_factory, tiny_checkpoint):
                            runtime="onnxruntime")  # the tests that assert ONNX Runtime facts; OpenVINO is timed elsewhere
     assert run_build(lambda: load_checkpoint(str(tiny_checkpoint), max_length=200), options) == 0
     return out
+
+
+# --- two test workers on one machine (pytest-xdist: `-n auto --dist loadfile` in pyproject) -------------
+# Much of the suite's time is single-threaded Python (exports, graph rewrites, tokenization), so it runs in
+# two worker processes, each test file in one of them, and each worker's CPU runs on one thread
+# ($ETTIN_CPU_THREADS for ONNX Runtime and OpenVINO, $OMP_NUM_THREADS for torch): two workers with a thread
+# per core each spent more CPU time than one process and finished no sooner (measured, 2-core Zen 3).
+# Tests that time something and judge a ratio are marked `exclusive`: each test holds a shared lock for its
+# whole run (setup, call, teardown); an exclusive one holds it alone, on every core, and while it waits for
+# it no other test starts.
+
+SLOWEST_FILES_FIRST = ("test_trained_gates.py", "test_parity.py", "test_same_scores.py", "test_bad_inputs.py",
+                       "test_precisions.py", "test_readme_serving.py", "test_bench.py", "test_onnx_export.py",
+                       "test_gpu_scripts.py")  # so that neither worker is left with a long file at the end
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _worker_id(config) -> str | None:
+    return getattr(config, "workerinput", {}).get("workerid")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core this process may use, at most 2 (every worker builds again the session
+    fixtures its files need; measured on the 2-core CI machine only)."""
+    return max(1, min(2, _cores()))
+
+
+def pytest_configure(config):
+    if _worker_id(config) is None:
+        return
+    import signal
+
+    # xdist's workers ignore SIGINT, and a child process inherits that: the Ctrl-C tests' builds would
+    # never see their KeyboardInterrupt. A handler (not an ignore) is reset to the default in a child.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ.update({"ETTIN_CPU_THREADS": "1", "OMP_NUM_THREADS": "1"})
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
+
+class _MachineShare:
+    """A readers-writer lock across the workers (flock on two files in the run's temp folder); the gate
+    lets a waiting exclusive test go before tests that have not started yet."""
+
+    def __init__(self, run_id: str):
+        import tempfile
+
+        base = os.path.join(tempfile.gettempdir(), f"ettin-tests-{run_id}")
+        self._gate = open(base + ".gate", "a+")  # noqa: SIM115 - held for the worker's life
+        self._held = open(base + ".lock", "a+")  # noqa: SIM115
+
+    def hold(self, exclusive: bool):
+        import contextlib
+        import fcntl
+
+        @contextlib.contextmanager
+        def held():
+            if exclusive:
+                fcntl.flock(self._gate, fcntl.LOCK_EX)  # no new test starts
+                fcntl.flock(self._held, fcntl.LOCK_EX)  # the running one finishes
+            else:
+                fcntl.flock(self._gate, fcntl.LOCK_SH)
+                fcntl.flock(self._held, fcntl.LOCK_SH)
+                fcntl.flock(self._gate, fcntl.LOCK_UN)
+            try:
+                with _every_core() if exclusive else contextlib.nullcontext():
+                    yield
+            finally:
+                fcntl.flock(self._held, fcntl.LOCK_UN)
+                if exclusive:
+                    fcntl.flock(self._gate, fcntl.LOCK_UN)
+
+        return held()
+
+
+def _every_core():
+    """An exclusive test runs as a single process would: the runtimes' default threads, torch's too."""
+    import contextlib
+    import sys
+
+    @contextlib.contextmanager
+    def every_core():
+        saved = {name: os.environ.pop(name, None) for name in ("ETTIN_CPU_THREADS", "OMP_NUM_THREADS")}
+        torch = sys.modules.get("torch")
+        threads = torch.get_num_threads() if torch else None
+        if torch:
+            torch.set_num_threads(_cores())
+        try:
+            yield
+        finally:
+            os.environ.update({name: value for name, value in saved.items() if value is not None})
+            if torch:
+                torch.set_num_threads(threads)
+
+    return every_core()
+
+
+_SHARE: list = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    run_id = getattr(item.config, "workerinput", {}).get("testrunuid")
+    if run_id is None:  # one process: nothing to share
+        yield
+        return
+    if not _SHARE:
+        _SHARE.append(_MachineShare(run_id))
+    with _SHARE[0].hold(item.get_closest_marker("exclusive") is not None):
+        yield

@@ -138,6 +138,7 @@ def tiny_artifact(tmp_path_factory):
     return root / "artifact", checkpoint
 
 
+@pytest.mark.exclusive  # a speed gate: no other test beside it (tests/conftest.py)
 def test_bench_json_schema_and_onnx_not_slower_than_crossencoder(tiny_artifact, tmp_path, capsys):
     """The CI speed gate: median of 5 interleaved runs, same pairs, same process."""
     from ettin_export.cli import main

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ettin_runtime.machine import openvino_config
+
 from ettin_export.bench.measure import CrossEncoderContender
 from ettin_export.errors import UsageError
 
@@ -87,8 +89,8 @@ class OpenVinoPaddedContender(PaddedExportContender):
         onnx_path = export_padded(self.model, Path(self._folder.name) / "padded.onnx")
         self.inference_precision = INFERENCE_PRECISION[precision]
         core = openvino.Core()
-        self.compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", {
-            "INFERENCE_PRECISION_HINT": self.inference_precision, "PERFORMANCE_HINT": "LATENCY"})
+        self.compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", openvino_config({
+            "INFERENCE_PRECISION_HINT": self.inference_precision, "PERFORMANCE_HINT": "LATENCY"}))
         self.request = self.compiled.create_infer_request()
         self.description = {**self.description, "kind": "OpenVINO on a padded ONNX export of the CrossEncoder modules",
                             "version": openvino.__version__, "inference_precision": self.inference_precision,

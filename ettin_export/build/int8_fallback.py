@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ettin_runtime.machine import ort_session_options
+
 from ettin_export.parity import ParityMetrics
 from ettin_export.targets import ScoreBounds
 
@@ -45,7 +47,7 @@ def graph_scorer(encoder, pairs: Sequence[tuple[str, str]], batch_pairs: int = 3
 
     def scores(graph) -> np.ndarray:  # a path, or a ModelProto under 2 GiB (read from memory: no file written)
         source = graph.SerializeToString() if hasattr(graph, "SerializeToString") else str(graph)
-        session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(source, ort_session_options(onnxruntime), providers=["CPUExecutionProvider"])
         out = []
         for start in range(0, len(ids), batch_pairs):
             packed = pack(ids[start:start + batch_pairs])

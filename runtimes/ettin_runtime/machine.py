@@ -6,6 +6,7 @@ and the class they put it in.
     cpu_class(features)   'avx512-bf16' | 'avx512-vnni' | 'avx512' | 'avx2-vnni' | 'avx2' | 'baseline'
     native_bf16(features) True where bf16 matrix products run in bf16 (AVX512_BF16 or AMX-BF16)
     this_machine()        {"cpu", "features", "class", "cores"}: what an artifact records of its gate's CPU
+    cpu_threads(n)        threads per CPU run: n, else $ETTIN_CPU_THREADS, else None (the runtime's default)
 
 Two CPUs of one class run the same kernels (oneDNN / MLAS pick their code paths by these features), so a
 gate judged on one holds on the other; across classes the numerics of int8 (VNNI or not) and bf16
@@ -23,6 +24,7 @@ from pathlib import Path
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 CPU_CLASSES = ("avx512-bf16", "avx512-vnni", "avx512", "avx2-vnni", "avx2", "baseline")
+THREADS_ENV = "ETTIN_CPU_THREADS"
 
 
 def _cpuinfo_field(name: str) -> str | None:
@@ -71,3 +73,33 @@ def describe(machine: dict | None = None) -> str:
     """e.g. 'AMD EPYC (avx2 fma; class avx2), 2 cores'."""
     m = machine or this_machine()
     return f"{m['cpu']} ({' '.join(m['features']) or 'features unknown'}; class {m['class']}), {m['cores']} cores"
+
+
+def cpu_threads(requested: int | None = None) -> int | None:
+    """Threads for one CPU run (ONNX Runtime's intra-op pool, OpenVINO's INFERENCE_NUM_THREADS): `requested`
+    when given, else $ETTIN_CPU_THREADS, else None, the runtime's own default of one per core (ONNX Runtime
+    counts the machine's cores, not a container's CPU quota or this process's affinity mask)."""
+    if requested is not None:
+        return int(requested)
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_ENV}={value!r}: give a whole number of threads, 1 or more (or unset it for "
+                         "one thread per core).")
+    return int(value)
+
+
+def ort_session_options(ort, threads: int | None = None):
+    """ONNX Runtime SessionOptions with `cpu_threads(threads)` intra-op threads (when set)."""
+    options = ort.SessionOptions()
+    count = cpu_threads(threads)
+    if count is not None:
+        options.intra_op_num_threads = count
+    return options
+
+
+def openvino_config(config: dict, threads: int | None = None) -> dict:
+    """An OpenVINO compile config with INFERENCE_NUM_THREADS from `cpu_threads(threads)` (when set)."""
+    count = cpu_threads(threads)
+    return config if count is None else {**config, "INFERENCE_NUM_THREADS": count}

@@ -11,6 +11,7 @@ import numpy as np
 from ..artifact import CU_SEQLENS, INPUT_IDS, SCORES, Artifact
 from ..errors import ArtifactError, MissingDependency, RuntimeRefused
 from ..loading import LoadOptions
+from ..machine import ort_session_options
 from ..packing import PackedBatch, PairEncoder
 from ..reranker import PackedBatchReranker
 
@@ -81,10 +82,8 @@ class OnnxRuntimeReranker(PackedBatchReranker):
                 f"{providers[0]} runs {' and '.join(sorted(_RUNNABLE_PRECISIONS[providers[0]]))} ones. Run it with "
                 f"its own runtime ({artifact.engine.runtime}), or build `ettin-export build ... --target cpu`."
             )
-        session_options = ort.SessionOptions()
+        session_options = ort_session_options(ort, options.threads)
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if options.threads is not None:
-            session_options.intra_op_num_threads = int(options.threads)
         session = ort.InferenceSession(str(artifact.path(artifact.engine.file)), session_options, providers=providers)
         encoder = PairEncoder.from_dir(artifact.root, options.max_length or artifact.max_length)
         max_batch_tokens = options.max_batch_tokens

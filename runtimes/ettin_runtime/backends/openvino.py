@@ -21,6 +21,7 @@ import numpy as np
 from ..artifact import CU_SEQLENS, INPUT_IDS, Artifact
 from ..errors import ArtifactError, MissingDependency
 from ..loading import LoadOptions
+from ..machine import openvino_config
 from ..packing import PackedBatch, PairEncoder
 from ..reranker import PackedBatchReranker
 
@@ -100,9 +101,7 @@ class OpenVinoReranker(PackedBatchReranker):
             warnings.warn("this CPU has no bf16 instructions (AVX512_BF16 / AMX): OpenVINO runs this bf16 artifact "
                           "in fp32 (AVX2) or emulates bf16 (AVX-512), far slower than the artifact was built for; "
                           "build --precision fp32 or int8 for this machine.", RuntimeWarning, stacklevel=2)
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-        if options.threads is not None:
-            config["INFERENCE_NUM_THREADS"] = int(options.threads)
+        config = openvino_config({"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}, options.threads)
         compiled = core.compile_model(read_graph(core, onnx, artifact.path(artifact.engine.file)), "CPU", config)
         encoder = PairEncoder.from_dir(artifact.root, options.max_length or artifact.max_length)
         tokens = options.max_batch_tokens or min(DEFAULT_BATCH_TOKENS, artifact.limits.max_batch_tokens)

@@ -45,3 +45,14 @@ def test_both_cpu_runtimes_run_on_the_threads_asked_for(tiny_artifact, monkeypat
     given = Reranker.load(tiny_artifact, runtime=runtime, threads=2)
     assert threads(given) == 2  # the caller's count wins over the environment
     np.testing.assert_allclose(from_env.predict(PAIRS), given.predict(PAIRS), rtol=0, atol=1e-5)
+
+
+def test_a_bad_thread_setting_is_one_line_and_exit_2(tiny_artifact, tmp_path, monkeypatch, capsys):
+    from ettin_export.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"query": "q", "document": "d"}\n')
+    monkeypatch.setenv(THREADS_ENV, "all")
+    assert main(["score", str(tiny_artifact), "--pairs", str(pairs)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{THREADS_ENV}='all': give a whole number of threads" in err, err

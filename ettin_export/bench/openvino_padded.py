@@ -78,7 +78,8 @@ class PaddedExportContender(CrossEncoderContender):
 class OpenVinoPaddedContender(PaddedExportContender):
     """CrossEncoder's tokenization and padded batches; the forward pass is OpenVINO on the padded export."""
 
-    def __init__(self, path: str, max_length: int, batch_size: int | str, precision: str, log=lambda message: None):
+    def __init__(self, path: str, max_length: int, batch_size: int | str, precision: str, log=lambda message: None,
+                 threads: int | None = None):
         try:
             import openvino
         except ImportError as error:
@@ -90,7 +91,7 @@ class OpenVinoPaddedContender(PaddedExportContender):
         self.inference_precision = INFERENCE_PRECISION[precision]
         core = openvino.Core()
         self.compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", openvino_config({
-            "INFERENCE_PRECISION_HINT": self.inference_precision, "PERFORMANCE_HINT": "LATENCY"}))
+            "INFERENCE_PRECISION_HINT": self.inference_precision, "PERFORMANCE_HINT": "LATENCY"}, threads))
         self.request = self.compiled.create_infer_request()
         self.description = {**self.description, "kind": "OpenVINO on a padded ONNX export of the CrossEncoder modules",
                             "version": openvino.__version__, "inference_precision": self.inference_precision,

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ettin_runtime.machine import cpu_threads
+
 from ettin_export.bench.measure import (
     BASELINE_BATCH_SEARCH,
     DEFAULT_BASELINE_BATCH_SIZE,
@@ -70,7 +72,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--baseline-batch-size", type=_batch_size, default=DEFAULT_BASELINE_BATCH_SIZE,
                         help=f"CrossEncoder.predict batch_size, or `auto`: the fastest of {BASELINE_BATCH_SEARCH} "
                         f"on these pairs (default {DEFAULT_BASELINE_BATCH_SIZE}, measured best on a 2-core CPU)")
-    parser.add_argument("--threads", type=int, help="intra-op threads for both systems (default: all cores)")
+    parser.add_argument("--threads", type=int, help="intra-op threads for both systems, torch's too (default: $ETTIN_CPU_THREADS, else all cores)")
     parser.add_argument("--device", help="cpu or cuda, for the baseline and a torch candidate (default: cuda for "
                         "a GPU artifact, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"],
@@ -112,6 +114,7 @@ def open_setup(args) -> Setup:
         torch_device(args.device)
     import torch
 
+    args.threads = cpu_threads(args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     if is_artifact(args.model):
@@ -161,7 +164,8 @@ def open_setup(args) -> Setup:
 
         if args.device not in (None, "cpu"):
             raise UsageError("--baseline openvino-padded runs on the CPU.")
-        baseline = OpenVinoPaddedContender(reference, max_length, args.baseline_batch_size, precision)
+        baseline = OpenVinoPaddedContender(reference, max_length, args.baseline_batch_size, precision,
+                                           threads=args.threads)  # the candidate's threads, torch's too
     return Setup(candidate, baseline, model, max_length, reranker.encoder._tokenizer, precision)
 
 

@@ -17,6 +17,10 @@ class ArtifactError(EttinError, ValueError):
     """An artifact that cannot be used as is: missing, corrupt, too new, unfinished, or for another runtime."""
 
 
+class BadSetting(EttinError, ValueError):
+    """An environment setting the project reads (e.g. ETTIN_CPU_THREADS) holds a value it cannot use."""
+
+
 class MissingDependency(EttinError, ImportError):
     """An optional dependency is not installed; the message carries the exact `pip install` command."""
 

@@ -19,6 +19,8 @@ import os
 import platform
 from pathlib import Path
 
+from .errors import BadSetting
+
 # AVX2/AVX-512: fp32 GEMM width; VNNI: int8 dot products without saturating int16 pair sums;
 # AVX512_BF16 / AMX: native bf16.
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -85,7 +87,7 @@ def cpu_threads(requested: int | None = None) -> int | None:
     if not value:
         return None
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{THREADS_ENV}={value!r}: give a whole number of threads, 1 or more (or unset it for "
+        raise BadSetting(f"{THREADS_ENV}={value!r}: give a whole number of threads, 1 or more (or unset it for "
                          "one thread per core).")
     return int(value)
 

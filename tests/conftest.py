@@ -57,7 +57,8 @@ def tiny_artifact(tmp_path_factory, tiny_checkpoint):
 # Much of the suite's time is single-threaded Python (exports, graph rewrites, tokenization), so it runs in
 # two worker processes, each test file in one of them, and each worker's CPU runs on one thread
 # ($ETTIN_CPU_THREADS for ONNX Runtime and OpenVINO, $OMP_NUM_THREADS for torch): two workers with a thread
-# per core each spent more CPU time than one process and finished no sooner (measured, 2-core Zen 3).
+# per core each spent more CPU time than one process and finished barely sooner (docs/design.md, Threads).
+# `python -m pytest -n 0` runs it all in one process, on every core.
 # Tests that time something and judge a ratio are marked `exclusive`: each test holds a shared lock for its
 # whole run (setup, call, teardown); an exclusive one holds it alone, on every core, and while it waits for
 # it no other test starts.

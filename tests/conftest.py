@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import os
+import signal
+import sys
+import tempfile
 
 import pytest
 
@@ -85,7 +91,6 @@ def pytest_xdist_auto_num_workers(config):
 def pytest_configure(config):
     if _worker_id(config) is None:
         return
-    import signal
 
     # xdist's workers ignore SIGINT, and a child process inherits that: the Ctrl-C tests' builds would
     # never see their KeyboardInterrupt. A handler (not an ignore) is reset to the default in a child.
@@ -98,64 +103,48 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
 
 
-class _MachineShare:
-    """A readers-writer lock across the workers (flock on two files in the run's temp folder); the gate
-    lets a waiting exclusive test go before tests that have not started yet."""
-
-    def __init__(self, run_id: str):
-        import tempfile
-
-        base = os.path.join(tempfile.gettempdir(), f"ettin-tests-{run_id}")
-        self._gate = open(base + ".gate", "a+")  # noqa: SIM115 - held for the worker's life
-        self._held = open(base + ".lock", "a+")  # noqa: SIM115
-
-    def hold(self, exclusive: bool):
-        import contextlib
-        import fcntl
-
-        @contextlib.contextmanager
-        def held():
-            if exclusive:
-                fcntl.flock(self._gate, fcntl.LOCK_EX)  # no new test starts
-                fcntl.flock(self._held, fcntl.LOCK_EX)  # the running one finishes
-            else:
-                fcntl.flock(self._gate, fcntl.LOCK_SH)
-                fcntl.flock(self._held, fcntl.LOCK_SH)
-                fcntl.flock(self._gate, fcntl.LOCK_UN)
-            try:
-                with _every_core() if exclusive else contextlib.nullcontext():
-                    yield
-            finally:
-                fcntl.flock(self._held, fcntl.LOCK_UN)
-                if exclusive:
-                    fcntl.flock(self._gate, fcntl.LOCK_UN)
-
-        return held()
+@functools.cache
+def _share_files(run_id: str):
+    """The run's two lock files (the gate, the lock), opened once per worker and held for its life."""
+    base = os.path.join(tempfile.gettempdir(), f"ettin-tests-{run_id}")
+    return open(base + ".gate", "a+"), open(base + ".lock", "a+")  # noqa: SIM115
 
 
+@contextlib.contextmanager
+def _machine_share(run_id: str, exclusive: bool):
+    """A readers-writer lock across the workers (flock): a test holds the lock shared, an exclusive one
+    alone; the gate lets a waiting exclusive test go before tests that have not started yet."""
+    gate, lock = _share_files(run_id)
+    if exclusive:
+        fcntl.flock(gate, fcntl.LOCK_EX)  # no new test starts
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the running one finishes
+    else:
+        fcntl.flock(gate, fcntl.LOCK_SH)
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_UN)
+    try:
+        with _every_core() if exclusive else contextlib.nullcontext():
+            yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        if exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def _every_core():
     """An exclusive test runs as a single process would: the runtimes' default threads, torch's too."""
-    import contextlib
-    import sys
-
-    @contextlib.contextmanager
-    def every_core():
-        saved = {name: os.environ.pop(name, None) for name in ("ETTIN_CPU_THREADS", "OMP_NUM_THREADS")}
-        torch = sys.modules.get("torch")
-        threads = torch.get_num_threads() if torch else None
+    saved = {name: os.environ.pop(name, None) for name in ("ETTIN_CPU_THREADS", "OMP_NUM_THREADS")}
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    if torch:
+        torch.set_num_threads(_cores())
+    try:
+        yield
+    finally:
+        os.environ.update({name: value for name, value in saved.items() if value is not None})
         if torch:
-            torch.set_num_threads(_cores())
-        try:
-            yield
-        finally:
-            os.environ.update({name: value for name, value in saved.items() if value is not None})
-            if torch:
-                torch.set_num_threads(threads)
-
-    return every_core()
-
-
-_SHARE: list = []
+            torch.set_num_threads(threads)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -164,7 +153,5 @@ def pytest_runtest_protocol(item, nextitem):
     if run_id is None:  # one process: nothing to share
         yield
         return
-    if not _SHARE:
-        _SHARE.append(_MachineShare(run_id))
-    with _SHARE[0].hold(item.get_closest_marker("exclusive") is not None):
+    with _machine_share(run_id, item.get_closest_marker("exclusive") is not None):
         yield

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ettin_runtime.machine import ort_session_options
+from ettin_runtime.machine import ort_cpu_session
 
 from ettin_export.bench.measure import CrossEncoderContender
 from ettin_export.bench.openvino_padded import MAX_SCORE_DIFF_F32, PaddedExportContender, export_padded
@@ -31,8 +31,7 @@ class OnnxRuntimeInt8PaddedContender(PaddedExportContender):
         folder = Path(self._folder.name)
         log("exporting the padded peer graph (torch.onnx) and quantizing it (ONNX Runtime dynamic int8) ...")
         fp32 = export_padded(self.model, folder / "padded.onnx")
-        self.session = onnxruntime.InferenceSession(str(fp32), ort_session_options(onnxruntime),
-                                                    providers=["CPUExecutionProvider"])
+        self.session = ort_cpu_session(onnxruntime, fp32)
         from ettin_export.synthetic.text import random_pairs
 
         sample = random_pairs(12, seed=5)
@@ -45,8 +44,7 @@ class OnnxRuntimeInt8PaddedContender(PaddedExportContender):
                                 "fp32_export_max_abs_diff_vs_crossencoder": worst}
             return
         quantize_dynamic(str(fp32), str(folder / "padded-int8.onnx"), weight_type=QuantType.QInt8)
-        self.session = onnxruntime.InferenceSession(str(folder / "padded-int8.onnx"), ort_session_options(onnxruntime),
-                                                    providers=["CPUExecutionProvider"])
+        self.session = ort_cpu_session(onnxruntime, folder / "padded-int8.onnx")
         self.description = {**self.description, "kind": "ONNX Runtime dynamic int8 on a padded ONNX export of the "
                             "CrossEncoder modules", "version": onnxruntime.__version__,
                             "recipe": "quantize_dynamic defaults (QInt8 weights per tensor, 8-bit range)",

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ettin_runtime.artifact import DEFAULT_MAX_BATCH_PAIRS, DEFAULT_MAX_BATCH_TOKENS, Artifact, Engine, Limits
-from ettin_runtime.machine import ort_session_options
+from ettin_runtime.machine import ort_cpu_session
 from ettin_runtime.packing import PairEncoder
 
 from ettin_export.build.common import (
@@ -207,8 +207,7 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
             exported = export_onnx(model, fp32_dir / "model.onnx", "fp32")
         with steps.step(f"validating the graph: names, dynamic axes, values on {len(run.grid)} unseen shapes"):
             check_graph_contract(onnx.load(str(exported.path), load_external_data=False), model.config.num_layers)
-            session = onnxruntime.InferenceSession(str(exported.path), ort_session_options(onnxruntime),
-                                                   providers=["CPUExecutionProvider"])
+            session = ort_cpu_session(onnxruntime, exported.path)
             worst = check_values(session, run.encoder, run.grid, run.grid_references)
             del session
         steps.note(f"max |Δ| ONNX Runtime vs the fp64 anchor on the validation grid: {worst:.2e}")

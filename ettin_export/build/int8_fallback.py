@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ettin_runtime.machine import ort_session_options
+from ettin_runtime.machine import ort_cpu_session
 
 from ettin_export.parity import ParityMetrics
 from ettin_export.targets import ScoreBounds
@@ -46,8 +46,8 @@ def graph_scorer(encoder, pairs: Sequence[tuple[str, str]], batch_pairs: int = 3
     ids = encoder.encode(list(pairs))
 
     def scores(graph) -> np.ndarray:  # a path, or a ModelProto under 2 GiB (read from memory: no file written)
-        source = graph.SerializeToString() if hasattr(graph, "SerializeToString") else str(graph)
-        session = onnxruntime.InferenceSession(source, ort_session_options(onnxruntime), providers=["CPUExecutionProvider"])
+        session = ort_cpu_session(onnxruntime, graph.SerializeToString() if hasattr(graph, "SerializeToString")
+                                  else graph)
         out = []
         for start in range(0, len(ids), batch_pairs):
             packed = pack(ids[start:start + batch_pairs])

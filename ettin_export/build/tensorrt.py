@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ettin_runtime.artifact import Artifact, Engine, Limits
-from ettin_runtime.machine import ort_session_options
+from ettin_runtime.machine import ort_cpu_session
 
 from ettin_export.build.common import BuildOptions, copy_tokenizer_files, finish_artifact, new_artifact, onnx_engine, reference_model
 from ettin_export.checkpoint import Checkpoint
@@ -61,8 +61,7 @@ def export_bf16_checked(model, run: ReferenceRun, directory: Path, steps: Steps)
         proto = onnx.load(str(exported.path), load_external_data=False)
         check_graph_contract(proto, num_layers)
         widened = bf16_as_fp32(proto, exported.path.parent)
-        session = onnxruntime.InferenceSession(widened.SerializeToString(), ort_session_options(onnxruntime),
-                                               providers=["CPUExecutionProvider"])
+        session = ort_cpu_session(onnxruntime, widened.SerializeToString())
         grid_pairs = [pair for batch in run.grid for pair in batch]
         rounded = fp32_references(run.checkpoint, grid_pairs, run.encoder, run.device, bf16_weights=True,
                                   crossencoder=run.crossencoder)

@@ -72,7 +72,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--baseline-batch-size", type=_batch_size, default=DEFAULT_BASELINE_BATCH_SIZE,
                         help=f"CrossEncoder.predict batch_size, or `auto`: the fastest of {BASELINE_BATCH_SEARCH} "
                         f"on these pairs (default {DEFAULT_BASELINE_BATCH_SIZE}, measured best on a 2-core CPU)")
-    parser.add_argument("--threads", type=int, help="intra-op threads for both systems, torch's too (default: $ETTIN_CPU_THREADS, else all cores)")
+    parser.add_argument("--threads", type=int, help="intra-op threads for both systems, torch's too (default: "
+                        "$ETTIN_CPU_THREADS, else all cores)")
     parser.add_argument("--device", help="cpu or cuda, for the baseline and a torch candidate (default: cuda for "
                         "a GPU artifact, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"],

@@ -101,6 +101,13 @@ def ort_session_options(ort, threads: int | None = None):
     return options
 
 
+def ort_cpu_session(ort, source):
+    """An ONNX Runtime session on the CPU provider for `source` (a path or serialized model bytes), on
+    `cpu_threads()` threads: the exporter's own checking and probing sessions."""
+    return ort.InferenceSession(source if isinstance(source, bytes) else str(source), ort_session_options(ort),
+                                providers=["CPUExecutionProvider"])
+
+
 def openvino_config(config: dict, threads: int | None = None) -> dict:
     """An OpenVINO compile config with INFERENCE_NUM_THREADS from `cpu_threads(threads)` (when set)."""
     count = cpu_threads(threads)

@@ -101,7 +101,8 @@ class OpenVinoReranker(PackedBatchReranker):
             warnings.warn("this CPU has no bf16 instructions (AVX512_BF16 / AMX): OpenVINO runs this bf16 artifact "
                           "in fp32 (AVX2) or emulates bf16 (AVX-512), far slower than the artifact was built for; "
                           "build --precision fp32 or int8 for this machine.", RuntimeWarning, stacklevel=2)
-        config = openvino_config({"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}, options.threads)
+        config = openvino_config({"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"},
+                                 options.threads)
         compiled = core.compile_model(read_graph(core, onnx, artifact.path(artifact.engine.file)), "CPU", config)
         encoder = PairEncoder.from_dir(artifact.root, options.max_length or artifact.max_length)
         tokens = options.max_batch_tokens or min(DEFAULT_BATCH_TOKENS, artifact.limits.max_batch_tokens)

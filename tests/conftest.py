@@ -98,6 +98,16 @@ def pytest_configure(config):
     os.environ.update({"ETTIN_CPU_THREADS": "1", "OMP_NUM_THREADS": "1"})
 
 
+def pytest_unconfigure(config):
+    """A worker that is done removes the lock files; one still running keeps its open ones (flock needs no
+    name), and a worker that has finished takes no lock again."""
+    run_id = getattr(config, "workerinput", {}).get("testrunuid")
+    if run_id is not None:
+        for suffix in (".gate", ".lock"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_share_base(run_id) + suffix)
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
@@ -106,8 +116,12 @@ def pytest_collection_modifyitems(config, items):
 @functools.cache
 def _share_files(run_id: str):
     """The run's two lock files (the gate, the lock), opened once per worker and held for its life."""
-    base = os.path.join(tempfile.gettempdir(), f"ettin-tests-{run_id}")
+    base = _share_base(run_id)
     return open(base + ".gate", "a+"), open(base + ".lock", "a+")  # noqa: SIM115
+
+
+def _share_base(run_id: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"ettin-tests-{run_id}")
 
 
 @contextlib.contextmanager

@@ -294,11 +294,11 @@ def _int8_fallback(artifact, fp32_graph, graph, candidates, recipe, choice, run,
     bounds = options.target.bounds_for(precision.name)
     with steps.step(f"int8 sensitivity of {len(body)} linear layers on {len(probe_pairs)} of the pairs") as update:
         began = time.perf_counter()
-        sensitivity = fallback.layer_sensitivity(
-            fp32_graph, body, graph.parent, fallback.graph_scorer(run.encoder, probe_pairs), anchor, spans, bounds,
-            progress=lambda done, total: update(f"layers {steps.eta(done, total, time.perf_counter() - began)}"))
+        sensitivity, method = fallback.sensitivity(
+            run.checkpoint, run.encoder, fp32_graph, body, graph.parent, probe_pairs, anchor, spans, bounds,
+            progress=lambda done, total: update(f"{steps.eta(done, total, time.perf_counter() - began)}"))
     order = fallback.fallback_order(sensitivity)[:limit]
-    record = {"sensitivity": sensitivity, "max_kept": limit, "tries": [
+    record = {"sensitivity": sensitivity, "sensitivity_method": method, "max_kept": limit, "tries": [
         {"kept_fp32": [], "passed": False, "failures": list(report.failures)}]}
     for count in range(1, len(order) + 1):
         keep = order[:count]

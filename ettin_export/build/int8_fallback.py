@@ -3,7 +3,11 @@ by measurement on the parity pairs, until the gate passes (accuracy-aware mixed 
 
 Sensitivity of a linear layer: the gate's metrics (Spearman, top-1, top-10 overlap against the fp64 anchor,
 and the score scale) of a graph in which only that layer is int8, each metric's shortfall taken as a share
-of what its bound allows (`damage`: 1.0 uses up one bound's whole allowance). The build keeps the most
+of what its bound allows (`damage`: 1.0 uses up one bound's whole allowance). The scores of those graphs are
+estimated to first order from one forward and backward pass of the PyTorch model (`estimated_sensitivity`)
+rather than scored one graph per layer (`layer_sensitivity`, the fallback where the estimate cannot be made):
+on the random 17m (28 layers, Zen 3) 31.6 s against 289.2 s, every damage within 1 % of the measured one;
+the cost no longer grows with the number of layers (88 at 150m). The build keeps the most
 damaging layers in fp32, one more per try, and judges each try with the real gate; it gives up after
 `max_kept` layers (by default a quarter of the backbone's linear layers: beyond that int8 buys little speed)
 and the last try's report is the verdict. Everything measured goes into the recipe in manifest.json.

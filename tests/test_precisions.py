@@ -641,33 +641,48 @@ def test_the_estimate_reads_each_layers_int8_weight_from_the_graph_or_declines(t
 
 def test_sensitivity_is_estimated_where_it_can_be_and_measured_otherwise(tiny_checkpoint, tiny_artifact, tmp_path,
                                                                        monkeypatch):
-    """On a tiny random model at awkward lengths, the first-order estimate's damage per layer is the measured
-    one (each layer alone in int8, scored by ONNX Runtime) within 10 % plus 0.02; where a layer's int8 weight
-    cannot be read, the layers are measured instead; either way no probe graph is left behind."""
+    """On a tiny random model at awkward lengths, each layer's estimated score changes (first order, one
+    forward and backward pass) are the measured ones (that layer alone in int8, the graph scored by ONNX
+    Runtime): correlated >= 0.95 per layer whose int8 moves a score by over 1e-3, their sizes within 20 %,
+    and the damage within 20 % plus 0.05; where a layer's int8 weight cannot be read, the layers are
+    measured instead; either way no probe graph is left behind."""
     import random
 
     from ettin_export.build import int8_fallback as fallback
     from ettin_export.checkpoint import load_checkpoint
-    from ettin_export.graph.quantize import linear_nodes
+    from ettin_export.graph.quantize import linear_nodes, quantize_int8
     from ettin_runtime.packing import PairEncoder
 
     from .contract import contract_pairs
 
     source = tiny_artifact / "model.onnx"
-    body = linear_nodes(onnx.load(str(source), load_external_data=False))[:-2]
-    checkpoint = load_checkpoint(str(tiny_checkpoint), max_length=MAX_LENGTH)
+    fp32 = onnx.load(str(source))
+    body = linear_nodes(fp32)[:-2]
+    model = load_checkpoint(str(tiny_checkpoint), max_length=MAX_LENGTH).build_model()
     encoder = PairEncoder.from_dir(tiny_artifact, MAX_LENGTH)
     seed = random.SystemRandom().randrange(1000)
     pairs = contract_pairs(seed=seed) * 2
     spans = [slice(i, min(i + 6, len(pairs))) for i in range(0, len(pairs), 6)]
-    anchor = fallback.graph_scorer(encoder, pairs)(source)
+    score = fallback.graph_scorer(encoder, pairs)
+    anchor = score(source)
+    quantize_int8(source, tmp_path / "whole.onnx")
+    whole = onnx.load(str(tmp_path / "whole.onnx"))
+    estimated = fallback.estimated_score_changes(model, encoder, source, tmp_path / "whole.onnx", body, pairs)
+    moving = 0
+    for layer, change in zip(body, estimated):
+        measured = score(fallback.single_layer_int8(fp32, whole, layer)) - anchor
+        if np.abs(measured).max() > 1e-3:
+            moving += 1
+            note = (seed, layer, np.abs(measured).max())
+            assert np.corrcoef(change, measured)[0, 1] >= 0.95, note
+            assert 0.8 <= np.linalg.norm(change) / np.linalg.norm(measured) <= 1.25, note
+    assert moving >= len(body) // 2, (seed, moving)  # int8 does move these scores
     bounds = targets.get_target("cpu").bounds_for("int8")
-    estimated, method = fallback.sensitivity(checkpoint, encoder, source, body, tmp_path, pairs, anchor, spans, bounds)
-    assert method == fallback.ESTIMATED and [row["layer"] for row in estimated] == body
+    rows, method = fallback.sensitivity(model, encoder, source, body, tmp_path, pairs, anchor, spans, bounds)
+    assert method == fallback.ESTIMATED and [row["layer"] for row in rows] == body
     monkeypatch.setattr(fallback, "int8_weight", lambda *args: None)
-    measured, method = fallback.sensitivity(checkpoint, encoder, source, body, tmp_path, pairs, anchor, spans, bounds)
-    assert method == fallback.MEASURED and [row["layer"] for row in measured] == body
-    for e, m in zip(estimated, measured):
-        assert abs(e["damage"] - m["damage"]) <= 0.1 * m["damage"] + 0.02, (seed, estimated, measured)
-    assert max(m["damage"] for m in measured) > 0.05, (seed, measured)  # int8 does move these scores
+    measured_rows, method = fallback.sensitivity(model, encoder, source, body, tmp_path, pairs, anchor, spans, bounds)
+    assert method == fallback.MEASURED and [row["layer"] for row in measured_rows] == body
+    for e, m in zip(rows, measured_rows):
+        assert abs(e["damage"] - m["damage"]) <= 0.2 * m["damage"] + 0.05, (seed, rows, measured_rows)
     assert not list(tmp_path.glob("sensitivity*"))

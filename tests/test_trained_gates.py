@@ -236,11 +236,12 @@ def test_the_estimated_sensitivity_finds_the_layers_measuring_each_one_finds(tmp
     from ettin_export.graph.quantize import linear_nodes
 
     _, run = gate_run
-    export_onnx(run.checkpoint.build_model(), tmp_path / "fp32.onnx")
+    model = run.checkpoint.build_model()
+    export_onnx(model, tmp_path / "fp32.onnx")
     body = linear_nodes(onnx.load(str(tmp_path / "fp32.onnx"), load_external_data=False))[:-2]
     pairs, anchor, spans = fallback.probe_set(run.pairs, run.references.anchor, run.spans)
     bounds = targets.get_target("cpu").bounds_for("int8")
-    estimated, method = fallback.sensitivity(run.checkpoint, run.encoder, tmp_path / "fp32.onnx", body, tmp_path,
+    estimated, method = fallback.sensitivity(model, run.encoder, tmp_path / "fp32.onnx", body, tmp_path,
                                              pairs, anchor, spans, bounds)
     measured = fallback.layer_sensitivity(tmp_path / "fp32.onnx", body, tmp_path, fallback.graph_scorer(run.encoder, pairs),
                                           anchor, spans, bounds)

@@ -238,7 +238,7 @@ def build_cpu(checkpoint: Checkpoint, options: BuildOptions, steps: Steps, stagi
         artifact, report = _judge_runtimes(artifact, engine, candidates, recipe, choice, run, options, precision, steps)
         if precision.name == "int8" and not report.passed and options.int8_max_fp32_layers != 0:
             artifact, report = _int8_fallback(artifact, exported.path, graph, candidates, recipe, choice, run, options,
-                                              precision, model.config.num_layers, steps, report)
+                                              precision, model, steps, report)
         if make_graph is not None and report.passed:
             record = artifact.engine.record
             choice = {k: v for k, v in record["runtime_choice"].items() if k != "chosen"}
@@ -276,7 +276,7 @@ def _judge_runtimes(artifact, engine, candidates, recipe, choice, run, options, 
     return artifact, report
 
 
-def _int8_fallback(artifact, fp32_graph, graph, candidates, recipe, choice, run, options, precision, num_layers,
+def _int8_fallback(artifact, fp32_graph, graph, candidates, recipe, choice, run, options, precision, model,
                    steps, report):
     """Keep the int8 graph's most sensitive linear layers in fp32, one more per try, until the gate passes."""
     import onnx
@@ -295,7 +295,7 @@ def _int8_fallback(artifact, fp32_graph, graph, candidates, recipe, choice, run,
     with steps.step(f"int8 sensitivity of {len(body)} linear layers on {len(probe_pairs)} of the pairs") as update:
         began = time.perf_counter()
         sensitivity, method = fallback.sensitivity(
-            run.checkpoint, run.encoder, fp32_graph, body, graph.parent, probe_pairs, anchor, spans, bounds,
+            model, run.encoder, fp32_graph, body, graph.parent, probe_pairs, anchor, spans, bounds,
             progress=lambda done, total: update(f"{steps.eta(done, total, time.perf_counter() - began)}"))
     order = fallback.fallback_order(sensitivity)[:limit]
     record = {"sensitivity": sensitivity, "sensitivity_method": method, "max_kept": limit, "tries": [
@@ -303,7 +303,7 @@ def _int8_fallback(artifact, fp32_graph, graph, candidates, recipe, choice, run,
     for count in range(1, len(order) + 1):
         keep = order[:count]
         with steps.step(f"int8 with {', '.join(keep)} in fp32"):
-            made = precision.make_graph()(fp32_graph, graph, num_layers, keep_fp32=keep)
+            made = precision.make_graph()(fp32_graph, graph, model.config.num_layers, keep_fp32=keep)
             tried = {**recipe, **made, "quantized": f"the backbone's linear layers but {len(keep)} kept in fp32"}
             external = graph.parent / (graph.name + ".data")
             engine = onnx_engine(graph, external if external.is_file() else None, runtime=candidates[0],

@@ -125,7 +125,6 @@ def layer_sensitivity(fp32_graph: Path, body: Sequence[str], workdir: Path, scor
     import onnx
 
     from ettin_export.graph.quantize import quantize_int8
-    from ettin_export.parity.rule import score_scale
 
     probe = workdir / "sensitivity.onnx"
     whole = workdir / "sensitivity-int8.onnx"
@@ -138,12 +137,7 @@ def layer_sensitivity(fp32_graph: Path, body: Sequence[str], workdir: Path, scor
         made = None if external else single_layer_int8(fp32, int8, name)
         if made is None:
             quantize_int8(fp32_graph, probe, keep_fp32=[other for other in body if other != name])
-        candidate = score(probe if made is None else made)
-        metrics = ParityMetrics.compute(anchor, candidate, spans, bounds.tie_bits)
-        scale = score_scale(candidate, anchor)
-        rows.append({"layer": name, "damage": round(damage(metrics, bounds, scale), 4),
-                     "spearman": metrics.spearman, "top1_agreement": metrics.top1_agreement,
-                     "top10_overlap": metrics.top10_overlap, "score_scale": round(scale, 5)})
+        rows.append(_sensitivity_row(name, score(probe if made is None else made), anchor, spans, bounds))
         if progress is not None:
             progress(index + 1, len(body))
     for leftover in [*workdir.glob("sensitivity.onnx*"), *workdir.glob("sensitivity-int8.onnx*")]:
@@ -176,24 +170,21 @@ def int8_weight(int8, weight: str, shape: Sequence[int]):
     return dequantized if tuple(dequantized.shape) == tuple(shape) else None
 
 
-def estimated_sensitivity(model, encoder, fp32_graph: Path, int8_graph: Path, body: Sequence[str],
-                          pairs: Sequence[tuple[str, str]], anchor: np.ndarray, spans: Sequence[slice],
-                          bounds: ScoreBounds, progress: Callable[[int, int], None] | None = None) -> list[dict] | None:
-    """Per backbone linear layer of `body`: the gate's metrics with only that layer in int8, as
-    `layer_sensitivity` reports them, but estimated to first order from one forward and one backward pass
-    of the packed PyTorch fp32 `model` over `pairs`, instead of one graph run per layer (28 at 17m, 88 at
-    150m, each as costly as a whole forward pass).
+def estimated_score_changes(model, encoder, fp32_graph: Path, int8_graph: Path, body: Sequence[str],
+                            pairs: Sequence[tuple[str, str]],
+                            progress: Callable[[int, int], None] | None = None) -> np.ndarray | None:
+    """[layer of `body`, pair]: how far each pair's score moves when only that layer is int8, estimated to
+    first order from one forward and one backward pass of the packed PyTorch fp32 `model` over `pairs`,
+    instead of one graph run per layer (28 at 17m, 88 at 150m, each as costly as a whole forward pass).
 
     A pair's score moves by about sum over its tokens t of ds/dy_t . (y'_t - y_t), where y = x W^T is the
     layer's fp32 output and y' its int8 output from the same input: x rounded per token as the graph does
-    (scale max|x_t| / 127, zero point 128) times the int8 graph's own dequantized weights. The metrics of
-    anchor + that change give the damage. None where a layer's int8 weights cannot be read from `int8_graph`
-    (then measure with `layer_sensitivity`)."""
+    (scale max|x_t| / 127, zero point 128) times the int8 graph's own dequantized weights. None where a
+    layer's int8 weights cannot be read from `int8_graph` (then measure with `layer_sensitivity`)."""
     import onnx
     import torch
 
     from ettin_export.model.attention import attention_backend
-    from ettin_export.parity.rule import score_scale
     from ettin_runtime.packing import packed_batches
 
     fp32, int8 = onnx.load(str(fp32_graph), load_external_data=False), onnx.load(str(int8_graph))
@@ -215,7 +206,7 @@ def estimated_sensitivity(model, encoder, fp32_graph: Path, int8_graph: Path, bo
     change = np.zeros((len(layers), len(pairs)))
     batches = packed_batches(encoder.encode(list(pairs)), ESTIMATE_BATCH_TOKENS, 32)
     try:
-        with attention_backend("reference"), torch.enable_grad():
+        with attention_backend("reference"), torch.inference_mode(False), torch.enable_grad():
             for done, batch in enumerate(batches, start=1):
                 captured.clear()
                 cu_seqlens = torch.from_numpy(batch.cu_seqlens)
@@ -234,35 +225,49 @@ def estimated_sensitivity(model, encoder, fp32_graph: Path, int8_graph: Path, bo
     finally:
         for hook in hooks:
             hook.remove()
-    rows = []
-    for (name, _, _), moved in zip(layers, change):
-        candidate = np.asarray(anchor, dtype=np.float64) + moved
-        metrics = ParityMetrics.compute(anchor, candidate, spans, bounds.tie_bits)
-        scale = score_scale(candidate, anchor)
-        rows.append({"layer": name, "damage": round(damage(metrics, bounds, scale), 4),
-                     "spearman": metrics.spearman, "top1_agreement": metrics.top1_agreement,
-                     "top10_overlap": metrics.top10_overlap, "score_scale": round(scale, 5)})
-    return rows
+    return change
+
+
+def _sensitivity_row(layer: str, candidate: np.ndarray, anchor: np.ndarray, spans: Sequence[slice],
+                     bounds: ScoreBounds) -> dict:
+    from ettin_export.parity.rule import score_scale
+
+    metrics = ParityMetrics.compute(anchor, candidate, spans, bounds.tie_bits)
+    scale = score_scale(candidate, anchor)
+    return {"layer": layer, "damage": round(damage(metrics, bounds, scale), 4), "spearman": metrics.spearman,
+            "top1_agreement": metrics.top1_agreement, "top10_overlap": metrics.top10_overlap,
+            "score_scale": round(scale, 5)}
+
+
+def estimated_sensitivity(model, encoder, fp32_graph: Path, int8_graph: Path, body: Sequence[str],
+                          pairs: Sequence[tuple[str, str]], anchor: np.ndarray, spans: Sequence[slice],
+                          bounds: ScoreBounds, progress: Callable[[int, int], None] | None = None) -> list[dict] | None:
+    """`layer_sensitivity`'s rows from the gate's metrics of anchor + `estimated_score_changes` (None where
+    those cannot be estimated)."""
+    change = estimated_score_changes(model, encoder, fp32_graph, int8_graph, body, pairs, progress)
+    if change is None:
+        return None
+    anchor = np.asarray(anchor, dtype=np.float64)
+    return [_sensitivity_row(name, anchor + moved, anchor, spans, bounds) for name, moved in zip(body, change)]
 
 
 ESTIMATED = "first-order estimate: one forward and backward pass of the packed PyTorch fp32 model"
 MEASURED = "measured: one graph per layer, only that layer in int8, scored by ONNX Runtime"
 
 
-def sensitivity(checkpoint, encoder, fp32_graph: Path, body: Sequence[str], workdir: Path,
+def sensitivity(model, encoder, fp32_graph: Path, body: Sequence[str], workdir: Path,
                 pairs: Sequence[tuple[str, str]], anchor: np.ndarray, spans: Sequence[slice], bounds: ScoreBounds,
                 progress: Callable[[int, int], None] | None = None) -> tuple[list[dict], str]:
-    """(each layer's metrics and damage, how they were found): estimated where the int8 graph's weights can
-    be read (`estimated_sensitivity`), else measured layer by layer (`layer_sensitivity`)."""
-    import torch
-
+    """(each layer's metrics and damage, how they were found): estimated with `model` (the packed fp32 model
+    `fp32_graph` was exported from) where the int8 graph's weights can be read (`estimated_sensitivity`),
+    else measured layer by layer (`layer_sensitivity`)."""
     from ettin_export.graph.quantize import quantize_int8
 
     whole = workdir / "sensitivity-int8.onnx"
     try:
         quantize_int8(fp32_graph, whole)
-        rows = estimated_sensitivity(checkpoint.build_model(torch.float32), encoder, fp32_graph, whole, body, pairs,
-                                     anchor, spans, bounds, progress=progress)
+        rows = estimated_sensitivity(model, encoder, fp32_graph, whole, body, pairs, anchor, spans, bounds,
+                                     progress=progress)
     finally:
         for leftover in workdir.glob("sensitivity-int8.onnx*"):
             leftover.unlink()

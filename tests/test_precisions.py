@@ -608,9 +608,9 @@ def test_a_long_step_says_how_far_it_has_got(capsys, monkeypatch):
 
 
 def test_the_estimate_reads_each_layers_int8_weight_from_the_graph_or_declines(tiny_artifact, tmp_path):
-    """int8_weight: a backbone layer's dequantized weight out of the whole int8 graph, shaped as the fp32 one,
-    quantized (not the fp32 values) and within half a 7-bit step of them; None for the head (kept fp32), a
-    wrong shape or a non-zero zero point."""
+    """int8_weight: a backbone layer's int8 weight and scales out of the whole int8 graph, shaped as the fp32
+    one, quantized (not the fp32 values) and within half a 7-bit step of them; None for the head (kept fp32),
+    a wrong shape or a non-zero zero point."""
     from onnx import numpy_helper
 
     from ettin_export.build.int8_fallback import int8_weight
@@ -624,8 +624,9 @@ def test_the_estimate_reads_each_layers_int8_weight_from_the_graph_or_declines(t
     whole = onnx.load(str(tmp_path / "whole.onnx"))
     for layer in linears[:-2]:
         name = nodes[layer].input[1]
-        fp32_weight, got = weights[name], int8_weight(whole, name, weights[name].shape)
-        assert got is not None and got.shape == fp32_weight.shape, layer
+        fp32_weight, read = weights[name], int8_weight(whole, name, weights[name].shape)
+        assert read is not None and read[0].dtype == np.int8 and read[0].shape == fp32_weight.shape, layer
+        got = read[0].astype(np.float64) * read[1].astype(np.float64)[:, None]
         step = np.abs(fp32_weight).max(axis=1, keepdims=True) / 63  # one 7-bit step per output channel, at least
         assert np.all(np.abs(got - fp32_weight) <= 0.5 * step + 1e-12) and np.any(got != fp32_weight), layer
         assert max(len(np.unique(row)) for row in got) <= 129, layer

@@ -149,25 +149,25 @@ ESTIMATE_BATCH_TOKENS = 1024  # the estimate keeps a batch's autograd graph: a s
 
 
 def int8_weight(int8, weight: str, shape: Sequence[int]):
-    """The int8 graph's dequantized weight for the fp32 graph's `weight` initializer, shaped like it (the
-    quantizer's `<weight>_Transposed_quantized` / `_scale`, or without `_Transposed`), as float64; None where
-    the graph holds no such pair, its zero point is not 0, or it does not round to the fp32 weight."""
+    """(int8 values [N, K], float32 scale per output channel [N]) of the int8 graph's weight for the fp32
+    graph's `weight` initializer, `shape` being the PyTorch layer's [N, K] (the quantizer's
+    `<weight>_Transposed_quantized` and `_scale`, or without `_Transposed`: [K, N] and [N]); None where the
+    graph holds no such pair, its zero point is not 0, or the shapes differ."""
     from onnx import numpy_helper
 
     tensors = {t.name: t for t in int8.graph.initializer}
-    for stem, transposed in ((weight + "_Transposed", True), (weight, False)):
-        if stem + "_quantized" in tensors and stem + "_scale" in tensors:
-            break
-    else:
+    stem = next((stem for stem in (weight + "_Transposed", weight)
+                 if stem + "_quantized" in tensors and stem + "_scale" in tensors), None)
+    if stem is None:
         return None
-    values = numpy_helper.to_array(tensors[stem + "_quantized"]).astype(np.float64)
-    scale = numpy_helper.to_array(tensors[stem + "_scale"]).astype(np.float64)
+    values = numpy_helper.to_array(tensors[stem + "_quantized"])
+    scale = numpy_helper.to_array(tensors[stem + "_scale"]).astype(np.float32).reshape(-1)
     zero = tensors.get(stem + "_zero_point")
-    if zero is not None and np.any(numpy_helper.to_array(zero)):
+    if values.dtype != np.int8 or (zero is not None and np.any(numpy_helper.to_array(zero))):
         return None
-    dequantized = values * scale  # [K, N], one scale per output channel (the last axis)
-    dequantized = dequantized.T if transposed else dequantized
-    return dequantized if tuple(dequantized.shape) == tuple(shape) else None
+    if values.ndim != 2 or tuple(values.T.shape) != tuple(shape) or scale.shape != (shape[0],):
+        return None
+    return np.ascontiguousarray(values.T), scale
 
 
 def estimated_score_changes(model, encoder, fp32_graph: Path, int8_graph: Path, body: Sequence[str],
@@ -198,7 +198,7 @@ def estimated_score_changes(model, encoder, fp32_graph: Path, int8_graph: Path, 
         weight = int8_weight(int8, weight_of[name], tuple(module.weight.shape))
         if weight is None:
             return None
-        layers.append((name, module, torch.from_numpy(weight)))
+        layers.append((name, module, tuple(torch.from_numpy(part) for part in weight)))  # int8 kept: 1 byte a weight
     del fp32, int8
     captured = {}
     hooks = [module.register_forward_hook(lambda module, inputs, output, name=name: captured.update(
@@ -214,10 +214,11 @@ def estimated_score_changes(model, encoder, fp32_graph: Path, int8_graph: Path, 
                 grads = torch.autograd.grad(scores.sum(), [captured[name][1] for name, _, _ in layers])
                 lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
                 pair_of_token = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-                for index, ((name, _, weight), grad) in enumerate(zip(layers, grads)):
-                    x, y = captured[name][0].double(), captured[name][1].detach().double()
+                for index, ((name, _, (values, weight_scale)), grad) in enumerate(zip(layers, grads)):
+                    x, y = captured[name][0].float(), captured[name][1].detach().float()
                     scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
-                    moved = ((torch.round(x / scale) * scale) @ weight.T - y) * grad.double()
+                    int8_output = (torch.round(x / scale) * scale) @ values.float().T * weight_scale
+                    moved = ((int8_output - y) * grad.float()).double()
                     per_pair = torch.zeros(len(lengths), dtype=torch.float64).index_add_(0, pair_of_token, moved.sum(-1))
                     change[index, batch.order] = per_pair.numpy()
                 if progress is not None:

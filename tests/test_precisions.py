@@ -679,10 +679,12 @@ def test_sensitivity_is_estimated_where_it_can_be_and_measured_otherwise(tiny_ch
             assert 0.8 <= np.linalg.norm(change) / np.linalg.norm(measured) <= 1.25, note
     assert moving >= len(body) // 2, (seed, moving)  # int8 does move these scores
     bounds = targets.get_target("cpu").bounds_for("int8")
-    rows, method = fallback.sensitivity(model, encoder, source, body, tmp_path, pairs, anchor, spans, bounds)
+    rows, method = fallback.sensitivity(model, encoder, source, tmp_path / "whole.onnx", body, tmp_path, pairs,
+                                        anchor, spans, bounds)
     assert method == fallback.ESTIMATED and [row["layer"] for row in rows] == body
     monkeypatch.setattr(fallback, "int8_weight", lambda *args: None)
-    measured_rows, method = fallback.sensitivity(model, encoder, source, body, tmp_path, pairs, anchor, spans, bounds)
+    measured_rows, method = fallback.sensitivity(model, encoder, source, tmp_path / "whole.onnx", body, tmp_path, pairs,
+                                                 anchor, spans, bounds)
     assert method == fallback.MEASURED and [row["layer"] for row in measured_rows] == body
     for e, m in zip(rows, measured_rows):
         assert abs(e["damage"] - m["damage"]) <= 0.2 * m["damage"] + 0.05, (seed, rows, measured_rows)

@@ -233,7 +233,7 @@ def test_the_estimated_sensitivity_finds_the_layers_measuring_each_one_finds(tmp
     from ettin_export import targets
     from ettin_export.build import int8_fallback as fallback
     from ettin_export.graph.export import export_onnx
-    from ettin_export.graph.quantize import linear_nodes
+    from ettin_export.graph.quantize import linear_nodes, quantize_int8
 
     _, run = gate_run
     model = run.checkpoint.build_model()
@@ -241,8 +241,9 @@ def test_the_estimated_sensitivity_finds_the_layers_measuring_each_one_finds(tmp
     body = linear_nodes(onnx.load(str(tmp_path / "fp32.onnx"), load_external_data=False))[:-2]
     pairs, anchor, spans = fallback.probe_set(run.pairs, run.references.anchor, run.spans)
     bounds = targets.get_target("cpu").bounds_for("int8")
-    estimated, method = fallback.sensitivity(model, run.encoder, tmp_path / "fp32.onnx", body, tmp_path,
-                                             pairs, anchor, spans, bounds)
+    quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx")  # the build's first, all-int8 try
+    estimated, method = fallback.sensitivity(model, run.encoder, tmp_path / "fp32.onnx", tmp_path / "int8.onnx", body,
+                                             tmp_path, pairs, anchor, spans, bounds)
     measured = fallback.layer_sensitivity(tmp_path / "fp32.onnx", body, tmp_path, fallback.graph_scorer(run.encoder, pairs),
                                           anchor, spans, bounds)
     assert method == fallback.ESTIMATED and [row["layer"] for row in estimated] == body

@@ -288,14 +288,14 @@ def _int8_fallback(artifact, fp32_graph, graph, candidates, recipe, choice, run,
     body = linear_nodes(onnx.load(str(fp32_graph), load_external_data=False))[:-2]
     limit = options.int8_max_fp32_layers
     limit = fallback.default_max_kept(len(body)) if limit is None else min(limit, len(body))
-    steps.note(f"int8 failed its gate ({'; '.join(report.failures)}); measuring which of the {len(body)} linear "
+    steps.note(f"int8 failed its gate ({'; '.join(report.failures)}); finding which of the {len(body)} linear "
                f"layers it is sensitive to, to keep up to {limit} in fp32")
     probe_pairs, anchor, spans = fallback.probe_set(run.pairs, run.references.anchor, run.spans)
     bounds = options.target.bounds_for(precision.name)
     with steps.step(f"int8 sensitivity of {len(body)} linear layers on {len(probe_pairs)} of the pairs") as update:
         began = time.perf_counter()
         sensitivity, method = fallback.sensitivity(
-            model, run.encoder, fp32_graph, body, graph.parent, probe_pairs, anchor, spans, bounds,
+            model, run.encoder, fp32_graph, graph, body, graph.parent, probe_pairs, anchor, spans, bounds,
             progress=lambda done, total: update(f"{steps.eta(done, total, time.perf_counter() - began)}"))
     order = fallback.fallback_order(sensitivity)[:limit]
     record = {"sensitivity": sensitivity, "sensitivity_method": method, "max_kept": limit, "tries": [

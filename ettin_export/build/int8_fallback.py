@@ -256,22 +256,15 @@ ESTIMATED = "first-order estimate: one forward and backward pass of the packed P
 MEASURED = "measured: one graph per layer, only that layer in int8, scored by ONNX Runtime"
 
 
-def sensitivity(model, encoder, fp32_graph: Path, body: Sequence[str], workdir: Path,
+def sensitivity(model, encoder, fp32_graph: Path, int8_graph: Path, body: Sequence[str], workdir: Path,
                 pairs: Sequence[tuple[str, str]], anchor: np.ndarray, spans: Sequence[slice], bounds: ScoreBounds,
                 progress: Callable[[int, int], None] | None = None) -> tuple[list[dict], str]:
     """(each layer's metrics and damage, how they were found): estimated with `model` (the packed fp32 model
-    `fp32_graph` was exported from) where the int8 graph's weights can be read (`estimated_sensitivity`),
-    else measured layer by layer (`layer_sensitivity`)."""
-    from ettin_export.graph.quantize import quantize_int8
-
-    whole = workdir / "sensitivity-int8.onnx"
-    try:
-        quantize_int8(fp32_graph, whole)
-        rows = estimated_sensitivity(model, encoder, fp32_graph, whole, body, pairs, anchor, spans, bounds,
-                                     progress=progress)
-    finally:
-        for leftover in workdir.glob("sensitivity-int8.onnx*"):
-            leftover.unlink()
+    `fp32_graph` was exported from) and `int8_graph` (`fp32_graph` with every backbone layer int8: the build's
+    failed first try) where that graph's weights can be read (`estimated_sensitivity`), else measured layer
+    by layer (`layer_sensitivity`, with its probe files in `workdir`)."""
+    rows = estimated_sensitivity(model, encoder, fp32_graph, int8_graph, body, pairs, anchor, spans, bounds,
+                                 progress=progress)
     if rows is not None:
         return rows, ESTIMATED
     return layer_sensitivity(fp32_graph, body, workdir, graph_scorer(encoder, pairs), anchor, spans, bounds,
